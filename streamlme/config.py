@@ -1,0 +1,626 @@
+"""Configuration: one TOML file plus ``STREAMLME_<SECTION>_<KEY>`` environment overrides.
+
+::
+
+    [model]                      # required: the ModelSpec, plus optional forgetting
+    response = "los"
+    fixed = ["1", "age", "severity"]
+    random = ["1", "age"]
+    group = "hospital"
+    covariance = "unstructured"  # or "diagonal"
+    method = "REML"              # or "ML", "EM"
+    half_life = "7d"             # optional exponential forgetting
+
+    [kafka]                      # optional: without it, events are JSON lines from a file/stdin
+    bootstrap_servers = "127.0.0.1:9092"
+    topic = "events"
+    group_id = "streamlme"
+    dead_letter_topic = "events.dlq"   # default: "<topic>.dlq"
+    security_protocol = "SASL_SSL"     # SASL/TLS keys are kafka-python's own names
+    sasl_mechanism = "SCRAM-SHA-512"
+    [kafka.client]               # any other kafka-python client setting, checked by name
+    request_timeout_ms = 30000
+
+    [redis]                      # optional: without it, the in-process MemoryStore
+    url = "rediss://:secret@redis.example:6380/0"
+    namespace = "hospital_los"
+
+    [refresh]
+    every = "60s"
+
+Every key is checked: unknown keys are errors (with a "did you mean" hint), and each message
+names the file, the key path and what was expected. Relative file paths in the file
+(``ssl_cafile``, ``store.snapshot``, ...) are taken relative to the file's own folder.
+
+Environment variables override the file: ``STREAMLME_REDIS_URL``, ``STREAMLME_KAFKA_TOPIC``,
+``STREAMLME_MODEL_FIXED=1,age`` (lists are comma separated), ``STREAMLME_KAFKA_CLIENT_<KEY>``
+for ``[kafka.client]``. Empty values are ignored.
+
+>>> parse_duration("5m"), parse_duration("1h30m"), parse_duration(90)
+(300.0, 5400.0, 90.0)
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import msgspec.inspect as mi
+
+from streamlme.spec import ModelSpec, SpecError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+ENV_PREFIX = "STREAMLME_"
+#: Event fields with a meaning of their own; a model column may not use these names.
+RESERVED_EVENT_FIELDS = ("weight", "ts", "op")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+# --- durations ------------------------------------------------------------------------------
+
+_UNITS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d|w)")
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds in a duration: a number of seconds or a string such as "250ms", "60s", "1h30m".
+
+    >>> parse_duration("7d") == 7 * 86400
+    True
+    >>> parse_duration("60x")
+    Traceback (most recent call last):
+    ...
+    ValueError: '60x' is not a duration; use e.g. '60s', '5m', '1h'
+    """
+    bad = ValueError(f"{value!r} is not a duration; use e.g. '60s', '5m', '1h'")
+    if isinstance(value, bool):
+        raise bad
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or _DURATION.sub("", text).strip():
+                raise bad from None
+            seconds = sum(float(num) * _UNITS[unit] for num, unit in parts)
+    else:
+        raise bad
+    if not math.isfinite(seconds) or seconds < 0:
+        raise bad
+    return seconds
+
+
+class Duration(float):
+    """Seconds, written in the file as a number or a duration string; always > 0."""
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        seconds = parse_duration(obj)
+        if seconds <= 0:
+            raise ValueError(f"{obj!r} must be longer than zero")
+        return Duration(seconds)
+    raise NotImplementedError(f"no conversion to {type_!r}")
+
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Name = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+# --- sections -------------------------------------------------------------------------------
+
+
+class ModelConfig(_Section):
+    response: str
+    fixed: list[str]
+    random: list[str]
+    group: str
+    covariance: str = "unstructured"
+    method: str = "REML"
+    half_life: Duration | None = None
+
+
+#: Client settings that streamlme sets itself, or that are Python objects, not TOML values.
+_CLIENT_MANAGED = {
+    "bootstrap_servers": "set kafka.bootstrap_servers instead",
+    "group_id": "set kafka.group_id instead",
+    "enable_auto_commit": "streamlme commits offsets itself, after the store applied a batch",
+    "key_deserializer": "streamlme decodes messages itself",
+    "value_deserializer": "streamlme decodes messages itself",
+    "key_serializer": "streamlme encodes messages itself",
+    "value_serializer": "streamlme encodes messages itself",
+}
+_CLIENT_OBJECTS = {
+    "default_offset_commit_callback",
+    "kafka_client",
+    "metric_reporters",
+    "partitioner",
+    "sasl_oauth_token_provider",
+    "selector",
+    "socket_options",
+    "ssl_context",
+}
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: Annotated[list[Name], msgspec.Meta(min_length=1)]
+    topic: Name
+    group_id: Name = "streamlme"
+    dead_letter_topic: str = ""
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    max_poll_records: Positive = 5000
+    max_message_bytes: Positive = 1 << 20
+    batch_max_events: Positive = 50_000
+    batch_max_seconds: Duration = Duration(1.0)
+    client_id: str | None = None
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: (
+        Literal["PLAIN", "GSSAPI", "OAUTHBEARER", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None
+    ) = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    sasl_kerberos_service_name: str | None = None
+    sasl_kerberos_domain_name: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    ssl_crlfile: str | None = None
+    ssl_ciphers: str | None = None
+    ssl_check_hostname: bool = True
+    client: dict[str, Any] = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.dead_letter_topic:
+            self.dead_letter_topic = f"{self.topic}.dlq"
+
+    def _common(self) -> dict[str, Any]:
+        names = [f for f in self.__struct_fields__ if f == "client_id" or f.startswith(("sasl_", "ssl_"))]
+        out: dict[str, Any] = {"bootstrap_servers": list(self.bootstrap_servers)}
+        out["security_protocol"] = self.security_protocol
+        out.update({f: getattr(self, f) for f in names if getattr(self, f) is not None})
+        return out
+
+    def _with_client(self, base: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
+        for key, value in self.client.items():
+            if key in accepted:
+                base[key] = tuple(value) if isinstance(value, list) else value
+        return base
+
+    def consumer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``kafka.KafkaConsumer`` (auto commit off: streamlme commits)."""
+        from kafka import KafkaConsumer
+
+        base = self._common() | {
+            "group_id": self.group_id,
+            "enable_auto_commit": False,
+            "auto_offset_reset": self.auto_offset_reset,
+            "max_poll_records": self.max_poll_records,
+        }
+        return self._with_client(base, set(KafkaConsumer.DEFAULT_CONFIG))
+
+    def producer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``kafka.KafkaProducer``."""
+        from kafka import KafkaProducer
+
+        return self._with_client(self._common(), set(KafkaProducer.DEFAULT_CONFIG))
+
+    def admin_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``kafka.KafkaAdminClient``."""
+        from kafka import KafkaAdminClient
+
+        return self._with_client(self._common(), set(KafkaAdminClient.DEFAULT_CONFIG))
+
+
+_NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+class RedisConfig(_Section):
+    url: str = "redis://127.0.0.1:6379/0"
+    namespace: str = "streamlme"
+
+    def __post_init__(self) -> None:
+        if not _NAMESPACE.match(self.namespace):
+            raise ValueError(
+                f"namespace {self.namespace!r}: use 1-100 letters, digits, '_', '-' or '.'"
+            )
+        scheme = urlsplit(self.url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(
+                f"url {_redact(self.url)!r}: expected redis://, rediss:// (TLS) or unix://"
+            )
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password replaced by ``***``, for logs and messages."""
+        return _redact(self.url)
+
+
+class RefreshConfig(_Section):
+    every: Duration = Duration(60.0)
+    history: Positive = 50
+    tolerance: Annotated[float, msgspec.Meta(gt=0)] | None = None  # None: the estimator's own
+    max_iter: Positive | None = None
+
+
+class ApiConfig(_Section):
+    host: Name = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
+    token: str | None = None
+
+
+class StoreConfig(_Section):
+    snapshot: str | None = None
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The whole configuration; ``kafka``/``redis`` are None in embedded mode."""
+
+    model: ModelConfig
+    kafka: KafkaConfig | None = None
+    redis: RedisConfig | None = None
+    refresh: RefreshConfig = msgspec.field(default_factory=RefreshConfig)
+    api: ApiConfig = msgspec.field(default_factory=ApiConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    source: str = "<environment>"
+
+    @property
+    def spec(self) -> ModelSpec:
+        m = self.model
+        return ModelSpec(m.response, m.fixed, m.random, m.group, m.covariance, m.method)
+
+    def summary(self) -> str:
+        """One line per part, for ``streamlme config check``."""
+        lines = [f"model: {self.spec.formula} ({self.spec.method})"]
+        if self.model.half_life:
+            lines[0] += f", half-life {self.model.half_life:g}s"
+        if self.kafka:
+            k = self.kafka
+            lines.append(
+                f"kafka: topic {k.topic!r} at {','.join(k.bootstrap_servers)}, group {k.group_id!r},"
+                f" dead letters to {k.dead_letter_topic!r}, {k.security_protocol}"
+            )
+        else:
+            lines.append("kafka: none (embedded: JSON lines from a file or stdin)")
+        if self.redis:
+            lines.append(f"redis: {self.redis.safe_url} namespace {self.redis.namespace!r}")
+        else:
+            snap = f", snapshot {self.store.snapshot}" if self.store.snapshot else ""
+            lines.append(f"redis: none (in-process MemoryStore{snap})")
+        lines.append(f"refresh: every {self.refresh.every:g}s, history {self.refresh.history}")
+        lines.append(
+            f"api: {self.api.host}:{self.api.port}"
+            f"{' (bearer token)' if self.api.token else ''}"
+        )
+        return "\n".join(lines)
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig,
+    "kafka": KafkaConfig,
+    "redis": RedisConfig,
+    "refresh": RefreshConfig,
+    "api": ApiConfig,
+    "store": StoreConfig,
+}
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, override from ``env`` (default: ``os.environ``) and validate a configuration.
+
+    ``path`` None means environment only. Raises ConfigError listing every problem found.
+    """
+    env = os.environ if env is None else env
+    source = str(path) if path is not None else "<environment>"
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError([f"{source}: cannot read: {exc.strerror or exc}"]) from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{source}: not valid TOML: {exc}"]) from None
+    errors: list[str] = []
+    _apply_env(data, env, errors)
+    base = Path(path).resolve().parent if path is not None else Path.cwd()
+
+    def fail(key: str, message: str) -> None:
+        errors.append(f"{source}: {key}: {message}")
+
+    for name in sorted(set(data) - set(_SECTIONS)):
+        fail(name, f"unknown section{_hint(name, _SECTIONS)}; sections are {', '.join(_SECTIONS)}")
+    if "model" not in data:
+        fail("model", "missing; give at least response, fixed, random and group")
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        if name not in data:
+            continue
+        raw = data[name]
+        if not isinstance(raw, dict):
+            fail(name, f"expected a table [{name}], got {_kind(raw)}")
+            continue
+        unknown = sorted(set(raw) - set(cls.__struct_fields__))
+        for key in unknown:
+            fields = ", ".join(cls.__struct_fields__)
+            fail(f"{name}.{key}", f"unknown key{_hint(key, cls.__struct_fields__)}; known: {fields}")
+        if unknown:
+            continue
+        if name == "kafka":
+            raw = _normalise_kafka(raw, fail)
+        try:
+            sections[name] = msgspec.convert(raw, cls, dec_hook=_dec_hook)
+        except msgspec.ValidationError as exc:
+            key, message = _explain(str(exc), raw)
+            fail(f"{name}{key}", message)
+    if errors:
+        raise ConfigError(errors)
+    config = Config(**sections, source=source)
+    _check_model(config, fail)
+    _check_files(config, base, fail)
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def check_config_file(
+    path: str | Path, env: Mapping[str, str] | None = None
+) -> tuple[bool, str]:
+    """Validate a file as `load_config` does: ``(True, "ok: ...summary")`` or ``(False, errors)``.
+
+    The CLI prints the message and exits 0 or 2 (``streamlme config check FILE``).
+    """
+    try:
+        config = load_config(path, env)
+    except ConfigError as exc:
+        return False, str(exc)
+    return True, f"ok: {path}\n{config.summary()}"
+
+
+def _check_model(config: Config, fail: Any) -> None:
+    try:
+        spec = config.spec
+    except SpecError as exc:
+        fail(f"model.{exc}".split(":", 1)[0], str(exc).split(":", 1)[-1].strip())
+        return
+    for column in (*spec.columns, spec.group):
+        if column in RESERVED_EVENT_FIELDS:
+            fail(
+                "model",
+                f"column {column!r} clashes with the event field {column!r} "
+                f"({', '.join(RESERVED_EVENT_FIELDS)} are reserved); rename the column",
+            )
+
+
+def _check_files(config: Config, base: Path, fail: Any) -> None:
+    """Make relative paths absolute (relative to the file) and check that inputs exist."""
+    if config.kafka:
+        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
+            value = getattr(config.kafka, key)
+            if value is None:
+                continue
+            resolved = base / Path(value).expanduser()
+            if not resolved.is_file():
+                fail(f"kafka.{key}", f"{resolved} is not a readable file")
+            setattr(config.kafka, key, str(resolved))
+        _check_client(config.kafka, fail)
+        _check_sasl(config.kafka, fail)
+    if config.store.snapshot:
+        snapshot = base / Path(config.store.snapshot).expanduser()
+        if not snapshot.parent.is_dir():
+            fail("store.snapshot", f"folder {snapshot.parent} does not exist")
+        config.store.snapshot = str(snapshot)
+
+
+def _check_sasl(kafka: KafkaConfig, fail: Any) -> None:
+    uses_sasl = kafka.security_protocol.startswith("SASL_")
+    if uses_sasl and kafka.sasl_mechanism is None:
+        fail("kafka.sasl_mechanism", f"required with security_protocol {kafka.security_protocol}")
+    if not uses_sasl and kafka.sasl_mechanism is not None:
+        fail(
+            "kafka.security_protocol",
+            f"sasl_mechanism {kafka.sasl_mechanism} needs SASL_SSL or SASL_PLAINTEXT",
+        )
+    if kafka.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+        for key in ("sasl_plain_username", "sasl_plain_password"):
+            if getattr(kafka, key) is None:
+                fail(f"kafka.{key}", f"required with sasl_mechanism {kafka.sasl_mechanism}")
+
+
+def _check_client(kafka: KafkaConfig, fail: Any) -> None:
+    try:
+        from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+    except ImportError:
+        fail("kafka", "kafka-python is not installed; pip install kafka-python")
+        return
+    accepted = (
+        set(KafkaConsumer.DEFAULT_CONFIG)
+        | set(KafkaProducer.DEFAULT_CONFIG)
+        | set(KafkaAdminClient.DEFAULT_CONFIG)
+    ) - _CLIENT_OBJECTS
+    for key, value in kafka.client.items():
+        path = f"kafka.client.{key}"
+        if key in _CLIENT_MANAGED:
+            fail(path, f"not settable: {_CLIENT_MANAGED[key]}")
+        elif key in kafka.__struct_fields__:
+            fail(path, f"set it as kafka.{key}")
+        elif key not in accepted:
+            fail(path, f"not a kafka-python client setting{_hint(key, accepted)}")
+        elif not _scalar_or_list(value):
+            fail(path, f"expected a string, number, boolean or list of them, got {_kind(value)}")
+
+
+def _scalar_or_list(value: Any) -> bool:
+    if isinstance(value, list):
+        return all(isinstance(v, (str, int, float, bool)) for v in value)
+    return isinstance(value, (str, int, float, bool))
+
+
+def _normalise_kafka(raw: dict[str, Any], fail: Any) -> dict[str, Any]:
+    servers = raw.get("bootstrap_servers")
+    if isinstance(servers, str):
+        raw = raw | {"bootstrap_servers": [s.strip() for s in servers.split(",") if s.strip()]}
+    return raw
+
+
+# --- environment overrides ------------------------------------------------------------------
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str], errors: list[str]) -> None:
+    for var in sorted(env):
+        value = env[var]
+        if not var.startswith(ENV_PREFIX) or value == "":
+            continue
+        section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
+        cls = _SECTIONS.get(section)
+        if cls is None or not key:
+            continue  # other STREAMLME_* variables (e.g. STREAMLME_KAFKA for tests) are not ours
+        table = data.setdefault(section, {})
+        if not isinstance(table, dict):
+            continue  # reported as a malformed section later
+        info = {f.name: f.type for f in mi.type_info(cls).fields}
+        if key in info and key != "client":
+            try:
+                table[key] = _env_value(value, info[key])
+            except ValueError as exc:
+                errors.append(f"environment {var}: {section}.{key}: {exc}")
+        elif section == "kafka" and key.startswith("client_"):
+            table.setdefault("client", {})[key[len("client_") :]] = _literal(value)
+        else:
+            errors.append(
+                f"environment {var}: {section}.{key} is not a known key"
+                f"{_hint(key, info)}; known: {', '.join(info)}"
+            )
+
+
+def _env_value(text: str, type_: mi.Type) -> Any:
+    if isinstance(type_, mi.UnionType):
+        options = [t for t in type_.types if not isinstance(t, mi.NoneType)]
+        type_ = options[0] if len(options) == 1 else mi.StrType()
+    if isinstance(type_, mi.ListType):
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(type_, mi.BoolType):
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"{text!r} is not a boolean; use true or false")
+    if isinstance(type_, mi.IntType):
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not an integer") from None
+    if isinstance(type_, mi.FloatType):
+        try:
+            return float(text)
+        except ValueError:
+            raise ValueError(f"{text!r} is not a number") from None
+    return text
+
+
+def _literal(text: str) -> Any:
+    """A ``[kafka.client]`` value from the environment: int, float, boolean or string."""
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.strip().lower(), text)
+
+
+# --- messages -------------------------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+_KINDS = {
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+    "list": "a list",
+    "dict": "a table",
+    "NoneType": "nothing",
+}
+
+
+def _explain(message: str, raw: Any) -> tuple[str, str]:
+    """msgspec's "Expected `int`, got `str` - at `$.history`" as (".history", friendly text)."""
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any text
+    path, text = match["path"] or "", match["msg"]
+    missing = re.match(r"Object missing required field `(.+)`", text)
+    if missing:
+        return f"{path}.{missing[1]}", "missing"
+    value = _lookup(raw, path)
+    if text.startswith(("Expected", "Invalid enum value")):
+        text = text.replace("Invalid enum value", "invalid value")
+        text = f"{text[0].lower()}{text[1:]}"
+        if not text.startswith("invalid value") and value is not _MISSING:
+            text = f"{text} ({value!r})"
+        if "Invalid enum" in message:
+            text += _choices_hint(message)
+    return path, text
+
+
+def _choices_hint(message: str) -> str:
+    return ""
+
+
+_MISSING = object()
+
+
+def _lookup(raw: Any, path: str) -> Any:
+    for part in re.findall(r"\.([^.\[]+)|\[(\d+)\]", path):
+        key, index = part
+        try:
+            raw = raw[key] if key else raw[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return _MISSING
+    return raw
+
+
+def _hint(key: str, choices: Any) -> str:
+    close = difflib.get_close_matches(key, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _kind(value: Any) -> str:
+    return _KINDS.get(type(value).__name__, type(value).__name__)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))

@@ -1,0 +1,178 @@
+"""Per-group cross-products Z'Z, Z'[X y] and the pooled [X y]'[X y], from sufficient statistics.
+
+Everything the profiled deviance needs is a cross-product of the model's columns within a group.
+From a group's (n, m, C) they follow exactly about any reference point r:
+
+    sum_i u_i u_i' = [[n, n e'], [n e, C + n e e']],   u_i = (1, w_i - r),  e = m - r.
+
+We take r at the pooled mean of each column wherever that is a reparametrisation of the model
+(a covariate may move when the intercept absorbs the shift in every part it appears in; the response
+may move when there is a fixed intercept). The fit then runs in this centred basis, which keeps
+y ~ 1e7 + noise and covariates with mean 1e5 from costing digits, and `CrossProducts` carries the
+exact linear maps back to the user's basis:
+
+    beta = T_X beta_c + r_y e_0,      b_j = T_Z b_c,j,      G = T_Z G_c T_Z'.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from streamlme.spec import INTERCEPT, ModelSpec
+from streamlme.stats import GroupStats
+
+Array = NDArray[np.float64]
+
+
+class DataError(ValueError):
+    """Statistics that cannot identify the model: too few groups, collinear columns, no variation."""
+
+
+@dataclass
+class CrossProducts:
+    """The model's cross-products in the centred basis, stacked over groups.
+
+    ZtZ (G, q, q), ZtXy (G, q, p + 1) with y last, XyXy (p + 1, p + 1) pooled over groups; N total
+    mass; T_X (p, p), T_Z (q, q) and r_y map centred-basis estimates back to the user's basis.
+    """
+
+    keys: list[str]
+    n: Array
+    ZtZ: Array
+    ZtXy: Array
+    XyXy: Array
+    N: float
+    T_X: Array
+    T_Z: Array
+    r_y: float
+    intercept_fixed: int | None
+
+    @property
+    def p(self) -> int:
+        return self.XyXy.shape[0] - 1
+
+    @property
+    def q(self) -> int:
+        return self.ZtZ.shape[1]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.keys)
+
+    @property
+    def ZtX(self) -> Array:
+        return self.ZtXy[:, :, :-1]
+
+    @property
+    def Zty(self) -> Array:
+        return self.ZtXy[:, :, -1]
+
+    def beta_to_user(self, beta_c: Array) -> Array:
+        beta = self.T_X @ beta_c
+        if self.intercept_fixed is not None:
+            beta[self.intercept_fixed] += self.r_y
+        return beta
+
+
+def reference_point(spec: ModelSpec, mean: Array) -> Array:
+    """Where each column of the statistics may be centred without changing the model."""
+    r = np.zeros(len(spec.columns))
+    fixed_icpt = INTERCEPT in spec.fixed
+    random_icpt = INTERCEPT in spec.random
+    for k, col in enumerate(spec.covariates):
+        ok_fixed = col not in spec.fixed or fixed_icpt
+        ok_random = col not in spec.random or random_icpt
+        if ok_fixed and ok_random:
+            r[k] = mean[k]
+    if fixed_icpt:
+        r[-1] = mean[-1]
+    return r
+
+
+def _shift_matrix(terms: tuple[str, ...], columns: tuple[str, ...], r: Array) -> Array:
+    """T with (user-basis coefficients) = T (centred-basis coefficients) for these terms."""
+    T = np.eye(len(terms))
+    if INTERCEPT in terms:
+        i0 = terms.index(INTERCEPT)
+        for j, term in enumerate(terms):
+            if term != INTERCEPT:
+                T[i0, j] = -r[columns.index(term)]
+    return T
+
+
+def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
+    """Check the statistics can identify the model and form its centred cross-products."""
+    if stats.d != len(spec.columns):
+        raise DataError(
+            f"statistics have {stats.d} columns but the model needs {len(spec.columns)} "
+            f"({', '.join(spec.columns)})"
+        )
+    stats.check_finite()
+    live = stats.n > 0
+    if not live.all():
+        stats = stats.select([k for k, ok in zip(stats.keys, live) if ok])
+    if len(stats) < 2:
+        raise DataError(
+            f"{len(stats)} group(s) with data; a random effect needs at least 2 groups"
+        )
+    N, M, C_pool = stats.total()
+    p = len(spec.fixed)
+    if N <= p:
+        raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
+    r = reference_point(spec, M)
+    cols = spec.columns
+    # index of each term in the augmented vector u = (1, w - r)
+    aug = {INTERCEPT: 0, **{c: 1 + k for k, c in enumerate(cols)}}
+    ix = [aug[t] for t in spec.fixed]
+    iz = [aug[t] for t in spec.random]
+    ixy = [*ix, aug[spec.response]]
+
+    scale = np.sqrt(np.maximum(np.diag(C_pool), 0.0) / N)
+    for t in spec.random:
+        if t != INTERCEPT:
+            k = cols.index(t)
+            if not scale[k] > 1e-12 * max(abs(M[k]), 1.0):
+                raise DataError(f"random term {t!r} has no variation (every value is {M[k]:g})")
+
+    e = np.concatenate([np.ones((len(stats), 1)), stats.mean - r], axis=1)
+    ZtZ = _block(stats.n, e, stats.C, iz, iz)
+    ZtXy = _block(stats.n, e, stats.C, iz, ixy)
+    e_pool = np.concatenate([[1.0], M - r])
+    XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
+    _check_rank(XyXy[:p, :p], spec)
+    T_X = _shift_matrix(spec.fixed, cols, r)
+    T_Z = _shift_matrix(spec.random, cols, r)
+    i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
+    return CrossProducts(list(stats.keys), stats.n.copy(), ZtZ, ZtXy, XyXy, N, T_X, T_Z,
+                         float(r[-1]), i0)
+
+
+def _block(n: Array, e: Array, C: Array, rows: list[int], cols: list[int]) -> Array:
+    """Stacked sum u u' restricted to rows x cols: C (padded with the intercept) + n e e'."""
+    ri, ci = np.asarray(rows), np.asarray(cols)
+    out = n[:, None, None] * e[:, ri, None] * e[:, None, ci]
+    both = (ri[:, None] > 0) & (ci[None, :] > 0)
+    if both.any():
+        a, b = np.nonzero(both)
+        out[:, a, b] += C[:, ri[a] - 1, ci[b] - 1]
+    return out
+
+
+def _check_rank(XtX: Array, spec: ModelSpec) -> None:
+    s = np.sqrt(np.maximum(np.diag(XtX), 0.0))
+    names = spec.fixed_names
+    zero = [names[i] for i in np.flatnonzero(s == 0)]
+    if zero:
+        raise DataError(f"fixed-effect column(s) {zero} are zero in every row")
+    R = XtX / np.outer(s, s)
+    w, V = np.linalg.eigh(R)
+    if w[0] < 1e-10 * w[-1]:
+        v = V[:, 0]
+        involved = [names[i] for i in np.flatnonzero(np.abs(v) > 1e-3)]
+        raise DataError(
+            f"fixed-effect columns {involved} are linearly dependent (X is rank deficient); "
+            "drop one of them"
+        )

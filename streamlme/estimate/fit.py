@@ -1,0 +1,160 @@
+"""REML and ML fits from group statistics: minimise lme4's profiled deviance over theta.
+
+The deviance and its exact gradient come from `pls`, so a bounded quasi-Newton method (L-BFGS-B)
+needs few evaluations, each one pass over the groups; a warm start from the previous model makes a
+refresh after a few more events a handful of passes. Nothing here sees a raw row.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import minimize
+
+from streamlme.estimate.crossprod import CrossProducts, cross_products
+from streamlme.estimate.pls import NumericalError, PLSState, evaluate, gradient
+from streamlme.estimate.result import FitResult, OptSummary
+from streamlme.estimate.theta import Parametrisation
+from streamlme.spec import ModelSpec
+from streamlme.stats import GroupStats
+
+Array = NDArray[np.float64]
+
+#: lme4's tolerance for calling a fit singular (a diagonal element of theta at its bound).
+SINGULAR_TOL = 1e-4
+
+
+class SingularFitWarning(UserWarning):
+    """A variance component sits on the boundary of the parameter space."""
+
+
+class ConvergenceWarning(UserWarning):
+    """The optimiser stopped before meeting its convergence criterion."""
+
+
+def fit(
+    stats: GroupStats,
+    spec: ModelSpec,
+    method: str | None = None,
+    *,
+    start: FitResult | Mapping[str, Any] | None = None,
+    tol: float = 1e-10,
+    max_iter: int = 500,
+    ranef: bool = True,
+) -> FitResult:
+    """Fit the model from per-group statistics by REML, ML or EM.
+
+    ``start`` warm-starts from a previous fit (a FitResult or its ``to_dict()``); ``tol`` is the
+    relative tolerance on the deviance (and, for EM, the default stopping rule), ``max_iter``
+    bounds optimiser iterations.
+    """
+    method = (method or spec.method).upper()
+    if method == "EM":
+        from streamlme.estimate.em import fit_em
+
+        return fit_em(stats, spec, start=start, tol=tol, max_iter=max_iter, ranef=ranef)
+    if method not in ("REML", "ML"):
+        raise ValueError(f"method {method!r} is not one of REML, ML, EM")
+    cp = cross_products(stats, spec)
+    par = Parametrisation(cp.q, spec.covariance, cp.T_Z)
+    theta0 = _start_theta(par, start)
+    reml = method == "REML"
+    t0 = time.perf_counter()
+    theta, info = minimise_deviance(cp, par, theta0, reml, tol, max_iter)
+    st = evaluate(cp, par.lam(theta), reml)
+    res = _result(cp, par, st, spec, method, theta, info, ranef)
+    res.optsummary.seconds = time.perf_counter() - t0
+    res.optsummary.warm_start = start is not None
+    res.optsummary.theta_start = par.user_factor(theta0)[par.rows, par.cols].tolist()
+    return res
+
+
+def minimise_deviance(
+    cp: CrossProducts, par: Parametrisation, theta0: Array, reml: bool, tol: float, max_iter: int
+) -> tuple[Array, dict[str, Any]]:
+    """theta minimising the profiled (RE)ML deviance, and what the optimiser said."""
+    scale = [1.0]
+    n_evals = [0]
+
+    def fun(theta: Array) -> tuple[float, Array]:
+        n_evals[0] += 1
+        try:
+            st = evaluate(cp, par.lam(theta), reml)
+        except NumericalError:
+            return np.inf, np.zeros_like(theta)
+        return st.deviance / scale[0], par.grad(gradient(cp, st)) / scale[0]
+
+    # Deviances grow with N; scale so the optimiser's tolerances read as relative ones.
+    d0, _ = fun(theta0)
+    scale[0] = max(abs(d0), 1.0) if np.isfinite(d0) else 1.0
+    opt = minimize(
+        fun, theta0, jac=True, method="L-BFGS-B", bounds=par.bounds,
+        options={"maxiter": max_iter, "ftol": tol * 1e-3, "gtol": tol, "maxcor": 20},
+    )
+    theta = np.asarray(opt.x, dtype=float)
+    g = fun(theta)[1]
+    free = ~((theta <= par.lower + 1e-12) & (g > 0))
+    gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
+    converged = bool(opt.success) or gnorm < np.sqrt(tol)
+    info = {"n_evals": n_evals[0], "iterations": int(opt.nit), "converged": converged,
+            "message": str(opt.message), "gradient_norm": gnorm * scale[0]}
+    return theta, info
+
+
+def _start_theta(par: Parametrisation, start: FitResult | Mapping[str, Any] | None) -> Array:
+    if start is None:
+        return par.start()
+    theta_user = np.asarray(start.theta if isinstance(start, FitResult) else start["theta"], float)
+    if theta_user.shape != (par.n_theta,) or not np.isfinite(theta_user).all():
+        return par.start()
+    user = Parametrisation(par.q, par.covariance, np.eye(par.q))
+    theta0 = par.from_user_factor(user.placed(theta_user))
+    # A start exactly on the boundary can trap a bounded optimiser there; nudge it inside.
+    on_bound = (par.lower == 0.0) & (theta0 < 1e-4)
+    theta0[on_bound] = 1e-4
+    return theta0
+
+
+def _result(
+    cp: CrossProducts, par: Parametrisation, st: PLSState, spec: ModelSpec, method: str,
+    theta: Array, info: dict[str, Any], ranef: bool,
+) -> FitResult:
+    sigma2 = st.sigma2
+    Lam_user = par.user_factor(theta)
+    G = sigma2 * Lam_user @ Lam_user.T
+    Rinv = np.linalg.inv(st.R_X)
+    beta_cov = cp.T_X @ (sigma2 * Rinv @ Rinv.T) @ cp.T_X.T
+    diag_theta = theta[par.rows == par.cols]
+    singular = bool(np.any(diag_theta < SINGULAR_TOL))
+    notes: list[str] = []
+    if singular:
+        notes.append("boundary (singular) fit: a variance component is at or near zero")
+        warnings.warn(notes[-1], SingularFitWarning, stacklevel=3)
+    if not info["converged"]:
+        notes.append(f"optimiser did not converge: {info['message']}")
+        warnings.warn(notes[-1], ConvergenceWarning, stacklevel=3)
+    opt = OptSummary(
+        optimizer="L-BFGS-B (analytic gradient)", theta_start=[], theta=theta.tolist(),
+        n_evals=info["n_evals"], iterations=info["iterations"], converged=info["converged"],
+        message=info["message"], gradient_norm=info["gradient_norm"], seconds=0.0,
+        warm_start=False,
+    )
+    res = FitResult(
+        method=method, converged=info["converged"], n_obs=cp.N, n_groups=cp.n_groups,
+        fixed=spec.fixed_names, random=spec.random_names, beta=cp.beta_to_user(st.beta),
+        beta_cov=beta_cov, G=G, sigma2=sigma2,
+        theta=Lam_user[par.rows, par.cols] if spec.covariance == "unstructured"
+        else np.diag(Lam_user).copy(),
+        criterion=st.deviance, covariance=spec.covariance, optsummary=opt,
+        singular=singular, warnings=notes,
+    )
+    if ranef:
+        res.group_keys = list(cp.keys)
+        res.ranef = st.conditional_modes() @ cp.T_Z.T
+        res.ranef_var = np.einsum("ab,gbc,dc->gad", cp.T_Z, st.conditional_variances(), cp.T_Z)
+    return res

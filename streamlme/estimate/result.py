@@ -1,0 +1,169 @@
+"""FitResult: what a fit reports, on lme4's scales, with the optimiser's summary kept alongside."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+
+
+@dataclass
+class OptSummary:
+    """How the optimum was reached (lme4's optinfo, MixedModels.jl's OptSummary)."""
+
+    optimizer: str
+    theta_start: list[float]
+    theta: list[float]
+    n_evals: int
+    iterations: int
+    converged: bool
+    message: str
+    gradient_norm: float
+    seconds: float
+    warm_start: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class FitResult:
+    """A fitted linear mixed model.
+
+    ``criterion`` is lme4's: -2 x the restricted log-likelihood for REML, the deviance
+    (-2 logLik) for ML and EM. ``G`` is the random-effects covariance, ``sigma2`` the residual
+    variance, ``theta`` lme4's relative factor elements (user basis). ``ranef`` and
+    ``ranef_var`` are the conditional modes and conditional covariances per group, in the user's
+    basis (lme4's ``ranef(fit, condVar = TRUE)``).
+    """
+
+    method: str
+    converged: bool
+    n_obs: float
+    n_groups: int
+    fixed: list[str]
+    random: list[str]
+    beta: Array
+    beta_cov: Array
+    G: Array
+    sigma2: float
+    theta: Array
+    criterion: float
+    covariance: str
+    optsummary: OptSummary
+    group_keys: list[str] = field(default_factory=list)
+    ranef: Array | None = None
+    ranef_var: Array | None = None
+    singular: bool = False
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        """Parameters counted by AIC/BIC: fixed effects, theta and sigma."""
+        return len(self.beta) + len(self.theta) + 1
+
+    @property
+    def loglik(self) -> float:
+        return -0.5 * self.criterion
+
+    @property
+    def aic(self) -> float:
+        return self.criterion + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        return self.criterion + self.n_params * math.log(self.n_obs)
+
+    @property
+    def beta_se(self) -> Array:
+        return np.sqrt(np.diag(self.beta_cov))
+
+    @property
+    def iterations(self) -> int:
+        return self.optsummary.iterations
+
+    def ranef_dict(self) -> dict[str, Array]:
+        if self.ranef is None:
+            return {}
+        return dict(zip(self.group_keys, self.ranef))
+
+    def to_dict(self, ranef: bool = True) -> dict[str, Any]:
+        """The JSON shape of ``streamlme fit --json`` (field names are a public contract)."""
+        out: dict[str, Any] = {
+            "method": self.method,
+            "converged": self.converged,
+            "n_obs": _num(self.n_obs),
+            "n_groups": self.n_groups,
+            "fixed": list(self.fixed),
+            "beta": dict(zip(self.fixed, map(float, self.beta))),
+            "beta_se": dict(zip(self.fixed, map(float, self.beta_se))),
+            "beta_cov": self.beta_cov.tolist(),
+            "random": list(self.random),
+            "covariance": self.covariance,
+            "G": self.G.tolist(),
+            "sigma2": float(self.sigma2),
+            "theta": self.theta.tolist(),
+            "criterion": float(self.criterion),
+            "loglik": float(self.loglik),
+            "aic": float(self.aic),
+            "bic": float(self.bic),
+            "iterations": self.iterations,
+            "singular": self.singular,
+            "warnings": list(self.warnings),
+            "optsummary": self.optsummary.to_dict(),
+        }
+        if ranef and self.ranef is not None and self.ranef_var is not None:
+            out["ranef"] = {k: v.tolist() for k, v in zip(self.group_keys, self.ranef)}
+            out["ranef_var"] = {k: v.tolist() for k, v in zip(self.group_keys, self.ranef_var)}
+        return out
+
+    def summary(self) -> str:
+        """A text summary laid out like lme4's ``summary(merMod)``."""
+        crit = "REML criterion at convergence" if self.method == "REML" else "deviance"
+        lines = [
+            f"Linear mixed model fit by {_method_words(self.method)}",
+            "",
+            f"{crit}: {self.criterion:.4f}" if self.method == "REML"
+            else f"     AIC      BIC   logLik deviance\n{self.aic:8.1f} {self.bic:8.1f} "
+                 f"{self.loglik:8.1f} {self.criterion:8.1f}",
+            "",
+            "Random effects:",
+            f" {'Groups':<9}{'Name':<13}{'Variance':>12}{'Std.Dev.':>11}"
+            + ("  Corr" if len(self.random) > 1 and self.covariance == "unstructured" else ""),
+        ]
+        sd = np.sqrt(np.maximum(np.diag(self.G), 0.0))
+        for i, name in enumerate(self.random):
+            row = f" {'group' if i == 0 else '':<9}{name:<13}{self.G[i, i]:>12.4g}{sd[i]:>11.4g}"
+            if self.covariance == "unstructured" and i > 0:
+                corr = [self.G[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else float("nan")
+                        for j in range(i)]
+                row += "  " + " ".join(f"{c:5.2f}" for c in corr)
+            lines.append(row)
+        lines.append(
+            f" {'Residual':<9}{'':<13}{self.sigma2:>12.4g}{math.sqrt(self.sigma2):>11.4g}"
+        )
+        lines.append(f"Number of obs: {_num(self.n_obs)}, groups: {self.n_groups}")
+        lines += ["", "Fixed effects:", f"{'':<14}{'Estimate':>12}{'Std. Error':>12}{'t value':>9}"]
+        for name, b, se in zip(self.fixed, self.beta, self.beta_se):
+            lines.append(f"{name:<14}{b:>12.4f}{se:>12.4f}{b / se:>9.3f}")
+        lines.append("")
+        lines.append(
+            f"optimizer ({self.optsummary.optimizer}) "
+            f"{'converged' if self.converged else 'did NOT converge'} after "
+            f"{self.optsummary.iterations} iterations, {self.optsummary.n_evals} evaluations"
+        )
+        lines += [f"warning: {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def _method_words(method: str) -> str:
+    return {"REML": "REML", "ML": "maximum likelihood", "EM": "maximum likelihood (EM)"}[method]
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)

@@ -1,0 +1,127 @@
+"""Redis key names of one namespace, and the encoding that keeps group ids out of key syntax.
+
+Every key of a namespace carries the hash tag ``{<namespace>}``, so all of them live in one Redis
+Cluster slot and one Lua script may touch any of them. Group ids are arbitrary strings; they are
+percent-encoded (every byte of their UTF-8 form outside ``[A-Za-z0-9_.~-]`` becomes ``%XX``), which
+is injective, leaves ordinary ids readable in ``redis-cli`` and can never produce ``{``, ``}`` or
+``:``.
+
+>>> encode_group("A17"), encode_group("ward 3/{icu}:é")
+('A17', 'ward%203%2F%7Bicu%7D%3A%C3%A9')
+>>> decode_group(encode_group("ward 3/{icu}:é"))
+'ward 3/{icu}:é'
+>>> Keys("hospital_los").group("A17")
+'{hospital_los}:g:A17'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import quote_from_bytes, unquote
+
+#: Longest group id, in UTF-8 bytes (the event decoder dead-letters longer ones).
+MAX_GROUP_BYTES = 256
+
+
+class KeyNameError(ValueError):
+    """A namespace or group id that cannot name a key."""
+
+
+def encode_group(group: str) -> str:
+    """Percent-encode a group id for use inside a key name."""
+    raw = group.encode("utf-8")
+    if len(raw) > MAX_GROUP_BYTES:
+        raise KeyNameError(
+            f"group id of {len(raw)} UTF-8 bytes is longer than {MAX_GROUP_BYTES}: {group[:40]!r}..."
+        )
+    return quote_from_bytes(raw, safe="")
+
+
+def decode_group(encoded: str | bytes) -> str:
+    """Inverse of `encode_group`."""
+    if isinstance(encoded, bytes):
+        encoded = encoded.decode("ascii")
+    return unquote(encoded, errors="strict")
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return ``namespace`` if it can be a hash tag; raise KeyNameError saying why not."""
+    if not isinstance(namespace, str) or not namespace:
+        raise KeyNameError(f"namespace must be a non-empty string, got {namespace!r}")
+    bad = sorted({c for c in namespace if c in "{}" or not c.isprintable() or c.isspace()})
+    if bad:
+        raise KeyNameError(
+            f"namespace {namespace!r} contains {bad}; use letters, digits and punctuation "
+            "other than braces (it becomes the Redis Cluster hash tag {namespace})"
+        )
+    return namespace
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The key names of one namespace (see the module docstring of `streamlme.store.redis`)."""
+
+    namespace: str
+
+    def __post_init__(self) -> None:
+        validate_namespace(self.namespace)
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.namespace + "}"
+
+    @property
+    def group_prefix(self) -> str:
+        return f"{self.tag}:g:"
+
+    def group(self, group: str) -> str:
+        return self.group_prefix + encode_group(group)
+
+    @property
+    def groups(self) -> str:
+        return f"{self.tag}:groups"
+
+    @property
+    def offsets(self) -> str:
+        return f"{self.tag}:offsets"
+
+    @property
+    def meta(self) -> str:
+        return f"{self.tag}:meta"
+
+    @property
+    def models(self) -> str:
+        return f"{self.tag}:models"
+
+    @property
+    def model_seq(self) -> str:
+        return f"{self.tag}:model:seq"
+
+    @property
+    def model_current(self) -> str:
+        return f"{self.tag}:model:current"
+
+    @property
+    def model_fence(self) -> str:
+        return f"{self.tag}:model:fence"
+
+    @property
+    def pattern(self) -> str:
+        """SCAN pattern matching every key of this namespace (no glob characters in a tag)."""
+        return _glob_escape(self.tag) + ":*"
+
+
+def offset_field(topic: str, partition: int) -> str:
+    """Field of the offsets hash: ``topic:partition`` (split at the last colon)."""
+    return f"{topic}:{int(partition)}"
+
+
+def parse_offset_field(field: str | bytes) -> tuple[str, int]:
+    if isinstance(field, bytes):
+        field = field.decode("utf-8")
+    topic, _, partition = field.rpartition(":")
+    return topic, int(partition)
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -1,0 +1,237 @@
+-- Apply one micro-batch of per-group deltas and record its Kafka offsets, all or nothing.
+--
+-- The arithmetic mirrors streamlme.stats (merge_moments, retract_moments, GroupStats.decay_to)
+-- operation for operation, so results equal the Python merge to the last bit or so.
+-- Values are streamlme.stats byte records: 4-byte header ("SL", format version, d), then
+-- little-endian float64 n, t, mean[d], upper triangle of C (row-major), as struct '<d...'.
+--
+-- KEYS[1] meta hash   KEYS[2] group registry (sorted set)   KEYS[3] offsets hash
+-- KEYS[4 .. 3+na]            keys of the groups in adds
+-- KEYS[4+na .. 3+na+nr]      keys of the groups in retracts
+-- ARGV[1] header shared by every delta   ARGV[2] half-life, or "" for no decay
+-- ARGV[3] na   ARGV[4] nr   ARGV[5] adds, concatenated records   ARGV[6] retracts, likewise
+-- ARGV[7] columns (JSON) or ""   ARGV[8] length of the group key prefix
+-- ARGV[9 ..] offsets as triples: field ("topic:partition"), batch start, batch end
+--
+-- Returns {0, field, recorded, ...} if a partition's recorded offset is not the batch start
+-- (nothing changed), else {1, i, ...}: 1-based indices of retractions refused as overdrawn.
+-- Everything that could fail is checked before the first write: Redis does not roll back a
+-- script that errors half-way.
+
+local header = ARGV[1]
+local d = string.byte(header, 4)
+local half_life = tonumber(ARGV[2])
+local na, nr = tonumber(ARGV[3]), tonumber(ARGV[4])
+local adds, retracts = ARGV[5], ARGV[6]
+local columns = ARGV[7]
+local prefix_len = tonumber(ARGV[8])
+
+local ntri = d * (d + 1) / 2
+local nvals = 2 + d + ntri
+local size = 4 + 8 * nvals
+local fmt = '<' .. string.rep('d', nvals)
+local CHUNK = 1000
+
+-- 1. the namespace must hold statistics of this width (and these columns, if both are known)
+local meta = redis.call('HMGET', KEYS[1], 'd', 'columns')
+local touches = na + nr > 0  -- a batch with no groups only moves offsets; its width is moot
+if touches and meta[1] and tonumber(meta[1]) ~= d then
+  return redis.error_reply('WIDTH namespace holds statistics of ' .. meta[1] ..
+    ' columns, the batch has ' .. d)
+end
+if touches and meta[2] and columns ~= '' and meta[2] ~= columns then
+  return redis.error_reply('COLUMNS namespace holds columns ' .. meta[2] ..
+    ', the batch has ' .. columns)
+end
+
+-- 2. every partition must continue exactly where the recorded offset ends
+local noff = (#ARGV - 8) / 3
+if noff > 0 then
+  local fields = {}
+  for i = 1, noff do fields[i] = ARGV[6 + 3 * i] end
+  local recorded = redis.call('HMGET', KEYS[3], unpack(fields))
+  local conflicts = {}
+  for i = 1, noff do
+    local r = recorded[i]
+    if r and r ~= ARGV[7 + 3 * i] then
+      conflicts[#conflicts + 1] = fields[i]
+      conflicts[#conflicts + 1] = r
+    end
+  end
+  if #conflicts > 0 then
+    table.insert(conflicts, 1, 0)
+    return conflicts
+  end
+end
+
+-- 3. read every value the batch touches and check it is a record of this width
+local function read(first, count)
+  local values = {}
+  for lo = first, first + count - 1, CHUNK do
+    local hi = math.min(lo + CHUNK - 1, first + count - 1)
+    local got = redis.call('MGET', unpack(KEYS, lo, hi))
+    for j = 1, #got do
+      local v = got[j]
+      if v and (#v ~= size or string.sub(v, 1, 4) ~= header) then
+        return nil, KEYS[lo + j - 1]
+      end
+      values[lo - first + j] = v
+    end
+  end
+  return values
+end
+local cur_a, bad_a = read(4, na)
+if not cur_a then return redis.error_reply('CORRUPT ' .. bad_a .. ' is not a record of width ' .. d) end
+local cur_r, bad_r = read(4 + na, nr)
+if not cur_r then return redis.error_reply('CORRUPT ' .. bad_r .. ' is not a record of width ' .. d) end
+
+-- row/column of each upper-triangle entry, in numpy.triu_indices order
+local ra, rb = {}, {}
+do
+  local k = 0
+  for a = 1, d do
+    for b = a, d do
+      k = k + 1
+      ra[k], rb[k] = a, b
+    end
+  end
+end
+
+local inf = math.huge
+local function fmax(x, y)  -- numpy.fmax: NaN only if both are NaN
+  if x ~= x then return y end
+  if y ~= y then return x end
+  if x > y then return x end
+  return y
+end
+local function finite(x) return x == x and x ~= inf and x ~= -inf end
+
+-- GroupStats.decay_to for one record s = {n, t, mean..., tri...}: age mass n and C to time t
+local function decay(s, t)
+  local t_old = s[2]
+  if finite(t_old) then
+    local dt = t - t_old
+    if dt < 0 then dt = 0 end
+    local f = 2 ^ (-dt / half_life)
+    s[1] = s[1] * f
+    for k = 1, ntri do s[2 + d + k] = s[2 + d + k] * f end
+  end
+  s[2] = fmax(t_old, t)
+end
+
+local function pack(s)
+  return header .. struct.pack(fmt, unpack(s, 1, nvals))
+end
+
+local written = {}  -- new values by key, so retractions see this batch's additions
+local function flush(pairs_, members)
+  for lo = 1, #pairs_, 2 * CHUNK do
+    redis.call('MSET', unpack(pairs_, lo, math.min(lo + 2 * CHUNK - 1, #pairs_)))
+  end
+  for lo = 1, #members, 2 * CHUNK do
+    redis.call('ZADD', KEYS[2], unpack(members, lo, math.min(lo + 2 * CHUNK - 1, #members)))
+  end
+end
+
+-- 4. additions: pairwise (Chan et al.) merge, as merge_moments
+local out, members = {}, {}
+for i = 1, na do
+  local key = KEYS[3 + i]
+  local b = {struct.unpack(fmt, adds, (i - 1) * size + 5)}
+  local a
+  if cur_a[i] then
+    a = {struct.unpack(fmt, cur_a[i], 5)}
+  else
+    a = {0, 0 / 0}
+    for k = 3, nvals do a[k] = 0 end
+    members[#members + 1] = 0
+    members[#members + 1] = string.sub(key, prefix_len + 1)
+  end
+  if half_life then
+    local t = fmax(a[2], b[2])
+    decay(a, t)
+    decay(b, t)
+  end
+  local n_a, n_b = a[1], b[1]
+  local n = n_a + n_b
+  local safe = n
+  if not (n > 0) then safe = 1.0 end
+  local r = n_b / safe
+  local delta = {}
+  local s = {n, fmax(a[2], b[2])}
+  for j = 1, d do
+    local dj = b[2 + j] - a[2 + j]
+    delta[j] = dj
+    s[2 + j] = a[2 + j] + dj * r
+  end
+  local w = n_a * n_b / safe
+  for k = 1, ntri do
+    s[2 + d + k] = a[2 + d + k] + b[2 + d + k] + w * delta[ra[k]] * delta[rb[k]]
+  end
+  local v = pack(s)
+  out[#out + 1] = key
+  out[#out + 1] = v
+  if nr > 0 then written[key] = v end
+end
+flush(out, members)
+
+-- 5. retractions: inverse update, as retract_moments; refuse (per group) to overdraw
+local overdrawn = {1}
+out = {}
+for i = 1, nr do
+  local key = KEYS[3 + na + i]
+  local cur = written[key] or cur_r[i]
+  local b = {struct.unpack(fmt, retracts, (i - 1) * size + 5)}
+  local s = cur and {struct.unpack(fmt, cur, 5)}
+  if not s or s[1] - b[1] < -1e-9 * s[1] then
+    overdrawn[#overdrawn + 1] = i
+  else
+    local n, n_b = s[1], b[1]
+    local n_a = n - n_b
+    local empty = n_a <= 1e-12 * math.max(n, 1.0)
+    local safe = n_a
+    if empty then safe = 1.0 end
+    local r = n_b / safe
+    local delta = {}
+    for j = 1, d do
+      local m = s[2 + j]
+      local m_a = m + r * (m - b[2 + j])
+      delta[j] = b[2 + j] - m_a
+      s[2 + j] = m_a
+    end
+    local nn = n
+    if not (nn > 0) then nn = 1.0 end
+    local w = n_a * n_b / nn
+    for k = 1, ntri do
+      s[2 + d + k] = s[2 + d + k] - b[2 + d + k] - w * delta[ra[k]] * delta[rb[k]]
+    end
+    s[1] = n_a
+    if empty then
+      for k = 1, nvals do
+        if k ~= 2 then s[k] = 0 end
+      end
+    end
+    local v = pack(s)
+    out[#out + 1] = key
+    out[#out + 1] = v
+    written[key] = v
+  end
+end
+flush(out, {})
+
+-- 6. offsets and metadata
+if noff > 0 then
+  local hset = {}
+  for i = 1, noff do
+    hset[#hset + 1] = ARGV[6 + 3 * i]
+    hset[#hset + 1] = ARGV[8 + 3 * i]
+  end
+  redis.call('HSET', KEYS[3], unpack(hset))
+end
+if touches and not meta[1] then
+  redis.call('HSET', KEYS[1], 'd', d, 'format', string.byte(header, 3), 'layout', 1)
+end
+if touches and not meta[2] and columns ~= '' then
+  redis.call('HSET', KEYS[1], 'columns', columns)
+end
+return overdrawn

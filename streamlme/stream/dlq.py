@@ -1,0 +1,156 @@
+"""Dead letters: events the consumer refuses, kept with their original bytes and a reason.
+
+A dead-letter record is a JSON object
+
+    {"reason": "...", "topic": "...", "partition": 0, "offset": 17,
+     "value_b64": "<original bytes, base64>", "key_b64": "<original key, base64 or null>"}
+
+keyed by the original key, with the reason also in the ``streamlme-reason`` header.
+
+Ordering guarantee: the consumer flushes dead letters of a batch *before* it merges the batch
+into the store. A crash can therefore at worst send a dead letter twice (the batch is replayed),
+never lose one. The exception is a retraction the store refuses because it exceeds its group
+(``retract_exceeds_group``): that is only known after the merge, so a crash between the merge
+and that flush can lose the dead letter (the statistics are unaffected either way).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import msgspec
+from kafka import KafkaProducer
+
+log = logging.getLogger(__name__)
+
+REASON_HEADER = "streamlme-reason"
+#: The reason given to retractions the store refused because they exceed the group's mass.
+RETRACT_EXCEEDS_GROUP = "retract_exceeds_group"
+
+
+class DeadLetterError(RuntimeError):
+    """Dead letters the broker did not acknowledge; they are re-sent on the next flush."""
+
+
+class DeadLetterRecord(msgspec.Struct):
+    """The value of one dead-letter message."""
+
+    reason: str
+    topic: str
+    partition: int
+    offset: int
+    value_b64: str
+    key_b64: str | None = None
+
+    def value(self) -> bytes:
+        return base64.b64decode(self.value_b64)
+
+
+def encode_dead_letter(
+    reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
+) -> bytes:
+    """The JSON value of a dead-letter message.
+
+    >>> raw = encode_dead_letter("invalid_json", "ev", 2, 9, b"k", b"{oops")
+    >>> rec = msgspec.json.decode(raw, type=DeadLetterRecord)
+    >>> rec.reason, rec.partition, rec.offset, rec.value()
+    ('invalid_json', 2, 9, b'{oops')
+    """
+    b64 = base64.b64encode
+    return msgspec.json.encode(
+        DeadLetterRecord(
+            reason, topic, partition, offset, b64(value).decode(),
+            None if key is None else b64(key).decode(),
+        )
+    )
+
+
+class DeadLetters(Protocol):
+    """A sink for refused events; `flush` returns only once every one is safely stored."""
+
+    counts: Counter[str]
+
+    def add(
+        self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class KafkaDeadLetters:
+    """Dead letters sent to a Kafka topic; `flush` raises if the broker did not take them all."""
+
+    def __init__(
+        self,
+        bootstrap_servers: str | list[str],
+        topic: str,
+        client: Mapping[str, Any] | None = None,
+        flush_timeout: float = 30.0,
+    ) -> None:
+        self.topic = topic
+        self.counts: Counter[str] = Counter()
+        self._flush_timeout = flush_timeout
+        self._producer = KafkaProducer(
+            **{"acks": "all", "linger_ms": 5, **dict(client or {})},
+            bootstrap_servers=bootstrap_servers,
+        )
+        self._pending: list[Any] = []
+
+    def add(
+        self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
+    ) -> None:
+        message = (key, encode_dead_letter(reason, topic, partition, offset, key, value), reason)
+        self._pending.append((message, self._send(message)))
+        self.counts[reason] += 1
+
+    def _send(self, message: tuple[bytes | None, bytes, str]) -> Any:
+        key, value, reason = message
+        return self._producer.send(
+            self.topic, key=key, value=value, headers=[(REASON_HEADER, reason.encode())]
+        )
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self._producer.flush(timeout=self._flush_timeout)
+        failed: list[tuple[tuple[bytes | None, bytes, str], Any]] = []
+        error: Exception | None = None
+        for message, future in self._pending:
+            try:
+                future.get(timeout=0)
+            except Exception as exc:  # any delivery error: send again on the next flush
+                error = error or exc
+                failed.append((message, self._send(message)))
+        self._pending = failed
+        if error is not None:
+            # The caller must not merge the batch until its dead letters are stored.
+            raise DeadLetterError(
+                f"{len(failed)} dead letter(s) not delivered to {self.topic!r}: {error}"
+            ) from error
+
+    def close(self) -> None:
+        self._producer.close(timeout=self._flush_timeout)
+
+
+class LoggedDeadLetters:
+    """Embedded mode without Kafka: refused events are only counted (and logged by reason)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(
+        self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
+    ) -> None:
+        self.counts[reason] += 1
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def close(self) -> None:
+        """Nothing to release."""
