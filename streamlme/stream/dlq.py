@@ -87,20 +87,14 @@ class KafkaDeadLetters:
     """Dead letters sent to a Kafka topic; `flush` raises if the broker did not take them all."""
 
     def __init__(
-        self,
-        bootstrap_servers: str | list[str],
-        topic: str,
-        client: Mapping[str, Any] | None = None,
-        flush_timeout: float = 30.0,
+        self, topic: str, settings: Mapping[str, Any], flush_timeout: float = 30.0
     ) -> None:
+        """``settings`` are KafkaProducer keyword arguments (bootstrap_servers, security, ...)."""
         self.topic = topic
         self.counts: Counter[str] = Counter()
         self._flush_timeout = flush_timeout
-        self._producer = KafkaProducer(
-            **{"acks": "all", "linger_ms": 5, **dict(client or {})},
-            bootstrap_servers=bootstrap_servers,
-        )
-        self._pending: list[Any] = []
+        self._producer = KafkaProducer(**{"acks": "all", "linger_ms": 5, **settings})
+        self._pending: list[tuple[tuple[bytes | None, bytes, str], Any]] = []
 
     def add(
         self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes

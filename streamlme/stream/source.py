@@ -174,20 +174,11 @@ class KafkaSource:
 
     replayable = True
 
-    def __init__(
-        self,
-        bootstrap_servers: str | list[str],
-        topic: str,
-        group_id: str,
-        client: Mapping[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, topic: str, settings: Mapping[str, Any]) -> None:
+        """``settings`` are KafkaConsumer keyword arguments (bootstrap_servers, group_id, ...);
+        they override `CONSUMER_DEFAULTS`."""
         self.topic = topic
-        self._settings = {
-            **CONSUMER_DEFAULTS,
-            **dict(client or {}),
-            "bootstrap_servers": bootstrap_servers,
-            "group_id": group_id,
-        }
+        self._settings = {**CONSUMER_DEFAULTS, **settings, "enable_auto_commit": False}
         self._consumer: KafkaConsumer | None = None
 
     @property
