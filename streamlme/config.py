@@ -55,6 +55,7 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import msgspec.inspect as mi
 
+from streamlme.events import RESERVED_FIELDS
 from streamlme.spec import ModelSpec, SpecError
 
 if sys.version_info >= (3, 11):
@@ -63,8 +64,6 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 ENV_PREFIX = "STREAMLME_"
-#: Event fields with a meaning of their own; a model column may not use these names.
-RESERVED_EVENT_FIELDS = ("weight", "ts", "op")
 
 
 class ConfigError(ValueError):
@@ -201,7 +200,9 @@ class KafkaConfig(_Section):
             self.dead_letter_topic = f"{self.topic}.dlq"
 
     def _common(self) -> dict[str, Any]:
-        names = [f for f in self.__struct_fields__ if f == "client_id" or f.startswith(("sasl_", "ssl_"))]
+        names = [
+            f for f in self.__struct_fields__ if f == "client_id" or f.startswith(("sasl_", "ssl_"))
+        ]
         out: dict[str, Any] = {"bootstrap_servers": list(self.bootstrap_servers)}
         out["security_protocol"] = self.security_protocol
         out.update({f: getattr(self, f) for f in names if getattr(self, f) is not None})
@@ -248,12 +249,12 @@ class RedisConfig(_Section):
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):
             raise ValueError(
-                f"namespace {self.namespace!r}: use 1-100 letters, digits, '_', '-' or '.'"
+                f"namespace: {self.namespace!r}: use 1-100 letters, digits, '_', '-' or '.'"
             )
         scheme = urlsplit(self.url).scheme
         if scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"url {_redact(self.url)!r}: expected redis://, rediss:// (TLS) or unix://"
+                f"url: {_redact(self.url)!r}: expected redis://, rediss:// (TLS) or unix://"
             )
 
     @property
@@ -303,8 +304,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         if self.kafka:
             k = self.kafka
             lines.append(
-                f"kafka: topic {k.topic!r} at {','.join(k.bootstrap_servers)}, group {k.group_id!r},"
-                f" dead letters to {k.dead_letter_topic!r}, {k.security_protocol}"
+                f"kafka: topic {k.topic!r} at {','.join(k.bootstrap_servers)},"
+                f" group {k.group_id!r}, dead letters to {k.dead_letter_topic!r},"
+                f" {k.security_protocol}"
             )
         else:
             lines.append("kafka: none (embedded: JSON lines from a file or stdin)")
@@ -315,8 +317,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             lines.append(f"redis: none (in-process MemoryStore{snap})")
         lines.append(f"refresh: every {self.refresh.every:g}s, history {self.refresh.history}")
         lines.append(
-            f"api: {self.api.host}:{self.api.port}"
-            f"{' (bearer token)' if self.api.token else ''}"
+            f"api: {self.api.host}:{self.api.port}{' (bearer token)' if self.api.token else ''}"
         )
         return "\n".join(lines)
 
@@ -372,29 +373,30 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         unknown = sorted(set(raw) - set(cls.__struct_fields__))
         for key in unknown:
             fields = ", ".join(cls.__struct_fields__)
-            fail(f"{name}.{key}", f"unknown key{_hint(key, cls.__struct_fields__)}; known: {fields}")
+            fail(
+                f"{name}.{key}", f"unknown key{_hint(key, cls.__struct_fields__)}; known: {fields}"
+            )
         if unknown:
             continue
         if name == "kafka":
-            raw = _normalise_kafka(raw, fail)
+            raw = _normalise_kafka(raw)
         try:
             sections[name] = msgspec.convert(raw, cls, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
-            key, message = _explain(str(exc), raw)
+            key, message = _explain(str(exc), raw, cls)
             fail(f"{name}{key}", message)
+    if "model" in sections:
+        _check_model(sections["model"], fail)
+    if "kafka" in sections:
+        _check_kafka(sections["kafka"], base, fail)
+    if "store" in sections:
+        _check_store(sections["store"], base, fail)
     if errors:
         raise ConfigError(errors)
-    config = Config(**sections, source=source)
-    _check_model(config, fail)
-    _check_files(config, base, fail)
-    if errors:
-        raise ConfigError(errors)
-    return config
+    return Config(**sections, source=source)
 
 
-def check_config_file(
-    path: str | Path, env: Mapping[str, str] | None = None
-) -> tuple[bool, str]:
+def check_config_file(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[bool, str]:
     """Validate a file as `load_config` does: ``(True, "ok: ...summary")`` or ``(False, errors)``.
 
     The CLI prints the message and exits 0 or 2 (``streamlme config check FILE``).
@@ -406,39 +408,44 @@ def check_config_file(
     return True, f"ok: {path}\n{config.summary()}"
 
 
-def _check_model(config: Config, fail: Any) -> None:
+def _check_model(model: ModelConfig, fail: Any) -> None:
     try:
-        spec = config.spec
+        spec = ModelSpec(
+            model.response, model.fixed, model.random, model.group, model.covariance, model.method
+        )
     except SpecError as exc:
-        fail(f"model.{exc}".split(":", 1)[0], str(exc).split(":", 1)[-1].strip())
+        key, sep, message = str(exc).partition(": ")
+        fail(f"model.{key}" if sep else "model", message if sep else str(exc))
         return
     for column in (*spec.columns, spec.group):
-        if column in RESERVED_EVENT_FIELDS:
+        if column in RESERVED_FIELDS:
             fail(
                 "model",
                 f"column {column!r} clashes with the event field {column!r} "
-                f"({', '.join(RESERVED_EVENT_FIELDS)} are reserved); rename the column",
+                f"({', '.join(RESERVED_FIELDS)} are reserved); rename the column",
             )
 
 
-def _check_files(config: Config, base: Path, fail: Any) -> None:
-    """Make relative paths absolute (relative to the file) and check that inputs exist."""
-    if config.kafka:
-        for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
-            value = getattr(config.kafka, key)
-            if value is None:
-                continue
-            resolved = base / Path(value).expanduser()
-            if not resolved.is_file():
-                fail(f"kafka.{key}", f"{resolved} is not a readable file")
-            setattr(config.kafka, key, str(resolved))
-        _check_client(config.kafka, fail)
-        _check_sasl(config.kafka, fail)
-    if config.store.snapshot:
-        snapshot = base / Path(config.store.snapshot).expanduser()
+def _check_kafka(kafka: KafkaConfig, base: Path, fail: Any) -> None:
+    """Resolve TLS files relative to the config file, check they exist, SASL and client keys."""
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
+        value = getattr(kafka, key)
+        if value is None:
+            continue
+        resolved = base / Path(value).expanduser()
+        if not resolved.is_file():
+            fail(f"kafka.{key}", f"{resolved} is not a readable file")
+        setattr(kafka, key, str(resolved))
+    _check_client(kafka, fail)
+    _check_sasl(kafka, fail)
+
+
+def _check_store(store: StoreConfig, base: Path, fail: Any) -> None:
+    if store.snapshot:
+        snapshot = base / Path(store.snapshot).expanduser()
         if not snapshot.parent.is_dir():
             fail("store.snapshot", f"folder {snapshot.parent} does not exist")
-        config.store.snapshot = str(snapshot)
+        store.snapshot = str(snapshot)
 
 
 def _check_sasl(kafka: KafkaConfig, fail: Any) -> None:
@@ -485,7 +492,8 @@ def _scalar_or_list(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool))
 
 
-def _normalise_kafka(raw: dict[str, Any], fail: Any) -> dict[str, Any]:
+def _normalise_kafka(raw: dict[str, Any]) -> dict[str, Any]:
+    """Accept bootstrap_servers as one comma-separated string, as kafka-python does."""
     servers = raw.get("bootstrap_servers")
     if isinstance(servers, str):
         raw = raw | {"bootstrap_servers": [s.strip() for s in servers.split(",") if s.strip()]}
@@ -572,7 +580,7 @@ _KINDS = {
 }
 
 
-def _explain(message: str, raw: Any) -> tuple[str, str]:
+def _explain(message: str, raw: Any, cls: type[_Section]) -> tuple[str, str]:
     """msgspec's "Expected `int`, got `str` - at `$.history`" as (".history", friendly text)."""
     match = _AT.match(message)
     assert match is not None  # the pattern matches any text
@@ -580,19 +588,28 @@ def _explain(message: str, raw: Any) -> tuple[str, str]:
     missing = re.match(r"Object missing required field `(.+)`", text)
     if missing:
         return f"{path}.{missing[1]}", "missing"
-    value = _lookup(raw, path)
-    if text.startswith(("Expected", "Invalid enum value")):
-        text = text.replace("Invalid enum value", "invalid value")
-        text = f"{text[0].lower()}{text[1:]}"
-        if not text.startswith("invalid value") and value is not _MISSING:
-            text = f"{text} ({value!r})"
-        if "Invalid enum" in message:
-            text += _choices_hint(message)
+    field, sep, detail = text.partition(": ")
+    if not path and sep and field in cls.__struct_fields__:
+        return f".{field}", detail  # raised by a __post_init__ as "field: detail"
+    text = f"{text[0].lower()}{text[1:]}" if text else text
+    if text.startswith("invalid enum value"):
+        choices = _literal_choices(cls, path.lstrip("."))
+        text = text.replace("invalid enum value", "invalid value")
+        if choices:
+            text += f"; expected one of {', '.join(map(repr, choices))}"
+    elif text.startswith("expected"):
+        value = _lookup(raw, path)
+        if value is not _MISSING:
+            text = f"{text}" + (f" ({value!r})" if ", got" in text else f", got {value!r}")
     return path, text
 
 
-def _choices_hint(message: str) -> str:
-    return ""
+def _literal_choices(cls: type[_Section], key: str) -> list[Any]:
+    for field in mi.type_info(cls).fields:
+        if field.name == key:
+            types = getattr(field.type, "types", (field.type,))
+            return [v for t in types if isinstance(t, mi.LiteralType) for v in t.values]
+    return []
 
 
 _MISSING = object()
