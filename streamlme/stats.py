@@ -122,7 +122,7 @@ class GroupStats:
     def __post_init__(self) -> None:
         G = len(self.keys)
         self.n = np.asarray(self.n, dtype=float).reshape(G)
-        d = np.asarray(self.mean).shape[-1] if G else np.asarray(self.mean).reshape(0, -1).shape[1]
+        d = np.asarray(self.mean).shape[-1]
         self.mean = np.asarray(self.mean, dtype=float).reshape(G, d)
         self.C = np.asarray(self.C, dtype=float).reshape(G, d, d)
         self.t = np.asarray(self.t, dtype=float).reshape(G)

@@ -7,7 +7,9 @@ From a group's (n, m, C) they follow exactly about any reference point r:
 
 We take r at the pooled mean of each column wherever that is a reparametrisation of the model
 (a covariate may move when the intercept absorbs the shift in every part it appears in; the response
-may move when there is a fixed intercept). The fit then runs in this centred basis, which keeps
+may move when there is a fixed intercept). Random covariates are also scaled to unit
+pooled standard deviation, so that one starting value of theta suits a slope on age in years and
+one on income in dollars. The fit then runs in this centred, scaled basis, which keeps
 y ~ 1e7 + noise and covariates with mean 1e5 from costing digits, and `CrossProducts` carries the
 exact linear maps back to the user's basis:
 
@@ -36,7 +38,8 @@ class CrossProducts:
     """The model's cross-products in the centred basis, stacked over groups.
 
     ZtZ (G, q, q), ZtXy (G, q, p + 1) with y last, XyXy (p + 1, p + 1) pooled over groups; N total
-    mass; T_X (p, p), T_Z (q, q) and r_y map centred-basis estimates back to the user's basis.
+    mass; T_X (p, p), T_Z (q, q) and r_y map centred-basis estimates back to the user's basis;
+    z_scale (q,) is the scaling of each random term (1 for the intercept), T_Z = shift @ diag(z_scale).
     """
 
     keys: list[str]
@@ -47,6 +50,7 @@ class CrossProducts:
     N: float
     T_X: Array
     T_Z: Array
+    z_scale: Array
     r_y: float
     intercept_fixed: int | None
 
@@ -120,7 +124,7 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
         )
     N, M, C_pool = stats.total()
     p = len(spec.fixed)
-    if N <= p:
+    if p >= N:
         raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
     r = reference_point(spec, M)
     cols = spec.columns
@@ -138,16 +142,19 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
                 raise DataError(f"random term {t!r} has no variation (every value is {M[k]:g})")
 
     e = np.concatenate([np.ones((len(stats), 1)), stats.mean - r], axis=1)
-    ZtZ = _block(stats.n, e, stats.C, iz, iz)
-    ZtXy = _block(stats.n, e, stats.C, iz, ixy)
+    # z_s = z_c / s for random covariates: b_c = diag(1/s) b_s
+    z_scale = np.array([1.0 if t == INTERCEPT else 1.0 / scale[cols.index(t)]
+                        for t in spec.random])
+    ZtZ = _block(stats.n, e, stats.C, iz, iz) * z_scale[None, :, None] * z_scale[None, None, :]
+    ZtXy = _block(stats.n, e, stats.C, iz, ixy) * z_scale[None, :, None]
     e_pool = np.concatenate([[1.0], M - r])
     XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
     _check_rank(XyXy[:p, :p], spec)
     T_X = _shift_matrix(spec.fixed, cols, r)
-    T_Z = _shift_matrix(spec.random, cols, r)
+    T_Z = _shift_matrix(spec.random, cols, r) @ np.diag(z_scale)
     i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
     return CrossProducts(list(stats.keys), stats.n.copy(), ZtZ, ZtXy, XyXy, N, T_X, T_Z,
-                         float(r[-1]), i0)
+                         z_scale, float(r[-1]), i0)
 
 
 def _block(n: Array, e: Array, C: Array, rows: list[int], cols: list[int]) -> Array:

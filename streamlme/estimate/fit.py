@@ -61,11 +61,12 @@ def fit(
     if method not in ("REML", "ML"):
         raise ValueError(f"method {method!r} is not one of REML, ML, EM")
     cp = cross_products(stats, spec)
-    par = Parametrisation(cp.q, spec.covariance, cp.T_Z)
+    par = Parametrisation(cp.q, spec.covariance, cp.T_Z, cp.z_scale)
     theta0 = _start_theta(par, start)
     reml = method == "REML"
     t0 = time.perf_counter()
     theta, info = minimise_deviance(cp, par, theta0, reml, tol, max_iter)
+    theta, info = _escape_boundary(cp, par, theta, info, reml, tol, max_iter)
     st = evaluate(cp, par.lam(theta), reml)
     res = _result(cp, par, st, spec, method, theta, info, ranef)
     res.optsummary.seconds = time.perf_counter() - t0
@@ -103,6 +104,35 @@ def minimise_deviance(
     converged = bool(opt.success) or gnorm < np.sqrt(tol)
     info = {"n_evals": n_evals[0], "iterations": int(opt.nit), "converged": converged,
             "message": str(opt.message), "gradient_norm": gnorm * scale[0]}
+    return theta, info
+
+
+def _escape_boundary(
+    cp: CrossProducts, par: Parametrisation, theta: Array, info: dict[str, Any], reml: bool,
+    tol: float, max_iter: int,
+) -> tuple[Array, dict[str, Any]]:
+    """Re-run from inside the region when the optimum found sits on a bound.
+
+    A bounded quasi-Newton method can stop on the boundary of a variance component that a start
+    inside the region would not reach (the deviance is even in a last diagonal element, so the
+    gradient there says nothing). Keep whichever deviance is lower.
+    """
+    on_bound = (par.lower == 0.0) & (theta < SINGULAR_TOL)
+    if not on_bound.any():
+        return theta, info
+    inside = theta.copy()
+    inside[on_bound] = 0.5
+    theta2, info2 = minimise_deviance(cp, par, inside, reml, tol, max_iter)
+    info2["n_evals"] += info["n_evals"]
+    info2["iterations"] += info["iterations"]
+    try:
+        better = (evaluate(cp, par.lam(theta2), reml).deviance
+                  < evaluate(cp, par.lam(theta), reml).deviance)
+    except NumericalError:
+        better = False
+    if better:
+        return theta2, info2
+    info["n_evals"] = info2["n_evals"]
     return theta, info
 
 
