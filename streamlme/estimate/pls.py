@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from streamlme.estimate import kernels
 from streamlme.estimate.crossprod import CrossProducts
-from streamlme.estimate.linalg import chol, solve_lower, solve_lower_t
+from streamlme.estimate.linalg import solve_lower, solve_lower_t
 
 Array = NDArray[np.float64]
 LOG_2PI = float(np.log(2.0 * np.pi))
@@ -106,51 +107,22 @@ class PLSState:
 
 def evaluate(cp: CrossProducts, Lam: Array, reml: bool) -> PLSState:
     """The penalised least squares solution and profiled deviance at relative factor Lambda."""
-    q = cp.q
-    LamT_ZtZ_Lam = np.einsum("ai,gab,bj->gij", Lam, cp.ZtZ, Lam)
-    P = LamT_ZtZ_Lam + np.eye(q)
-    L = chol(P)
-    RZXy = solve_lower(L, np.einsum("ai,gam->gim", Lam, cp.ZtXy))
-    S = cp.XyXy - np.einsum("gim,gin->mn", RZXy, RZXy)
+    L, RZXy, SS, logdet = kernels.deviance_pass(cp.ZtZ, cp.ZtXy, Lam)
+    S = cp.XyXy - SS
     S = 0.5 * (S + S.T)
     try:
         R = np.linalg.cholesky(S).T
     except np.linalg.LinAlgError as exc:
         raise NumericalError("the fixed-effects Schur complement is not positive definite") from exc
-    if not np.isfinite(L).all() or R[-1, -1] <= 0:
+    if not np.isfinite(logdet) or R[-1, -1] <= 0:
         raise NumericalError("penalised residual sum of squares is not positive")
-    logdet = 2.0 * float(np.sum(np.log(np.diagonal(L, axis1=1, axis2=2))))
     return PLSState(Lam, L, RZXy, R, logdet, reml, cp.N)
 
 
 def gradient(cp: CrossProducts, st: PLSState) -> Array:
     """d deviance / d Lambda (q x q) at the state `st` (see the module docstring)."""
-    Lam, L = st.Lam, st.L
-    G, q = L.shape[0], Lam.shape[0]
-    beta = st.beta
-    u = st.spherical_effects()
-    b = u @ Lam.T
-    Zte = cp.Zty - cp.ZtX @ beta - np.einsum("gab,gb->ga", cp.ZtZ, b)
-    d_r2 = -2.0 * np.einsum("ga,gb->ab", Zte, u)
-    # P_j^-1 = L_j^-T L_j^-1; Lambda P_j^-1 via two triangular solves on Lambda'
-    LamT = np.broadcast_to(Lam.T, (G, q, q))
-    Pinv_LamT = solve_lower_t(L, solve_lower(L, LamT))          # P^-1 Lambda'
-    d_logdet = 2.0 * np.einsum("gab,gcb->ac", cp.ZtZ, Pinv_LamT)  # 2 sum Z'Z (P^-1 Lambda')'
-    grad = d_logdet + (st.dof / st.r2) * d_r2
-    if st.reml:
-        RZX = st.RZXy[:, :, :-1]
-        # Q_j = Z'X - Z'Z Lambda L^-T R_ZX
-        Lam_LinvT_RZX = np.einsum("ab,gbm->gam", Lam, solve_lower_t(L, RZX))
-        Q = cp.ZtX - np.einsum("gab,gbm->gam", cp.ZtZ, Lam_LinvT_RZX)
-        # K_j = Q_j R_X^-1 so that Q S^-1 Q' = K K'
-        K = _rsolve(st.R_X, Q)
-        grad -= 2.0 * np.einsum("gam,gbm->ab", K, K) @ Lam
-    return grad
-
-
-def _rsolve(R_X: Array, Q: Array) -> Array:
-    """Q R_X^-1 for stacked Q (G, q, p)."""
-    G, q, p = Q.shape
-    flat = Q.reshape(G * q, p)
-    # X R = Q  <=>  R' X' = Q'
-    return np.linalg.solve(R_X.T, flat.T).T.reshape(G, q, p)
+    ZtZ_LamPinv, Zte_u, KK = kernels.gradient_pass(
+        cp.ZtZ, cp.ZtXy, st.L, st.RZXy, st.Lam, st.beta, st.R_X if st.reml else None
+    )
+    # d log|P| + (dof / r^2) d r^2, and for REML d log|R_X|^2
+    return 2.0 * ZtZ_LamPinv - 2.0 * (st.dof / st.r2) * Zte_u - 2.0 * KK @ st.Lam
