@@ -17,6 +17,7 @@ strings with ``np.unique``), then `GroupStats.from_codes` builds every statistic
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,13 +66,18 @@ def fold(
     """Summarise the add rows and the retract rows of a batch, each per group.
 
     ``W`` is (N, d) in the spec's column order, ``weights`` optional case weights, ``ts`` event
-    times (needed with ``half_life``), ``retract`` a boolean mask of rows to take back out.
+    times (with ``half_life``; a missing time, NaN, means "now"), ``retract`` a boolean mask of
+    rows to take back out.
     """
     W = np.asarray(W, dtype=float)
     d = W.shape[1] if W.ndim == 2 else 0
     codes, keys = code_groups(groups)
     v = None if weights is None else np.asarray(weights, dtype=float)
-    t = None if ts is None else np.asarray(ts, dtype=float)
+    t = None
+    if half_life is not None:
+        t = np.full(len(codes), time.time()) if ts is None else np.asarray(ts, dtype=float)
+        # Events without a time are taken to happen as they are processed.
+        t = np.where(np.isnan(t), time.time(), t)
     mask = np.zeros(len(codes), bool) if retract is None else np.asarray(retract, dtype=bool)
     if not mask.any():
         adds = _stats(codes, keys, W, v, t, half_life, None, d)
@@ -99,5 +105,4 @@ def _stats(
         t = None if t is None else t[rows]
     if not len(codes):
         return GroupStats.empty(d)
-    return GroupStats.from_codes(codes, keys, W, v, t if half_life is not None else None,
-                                 half_life)
+    return GroupStats.from_codes(codes, keys, W, v, t, half_life)

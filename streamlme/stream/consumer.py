@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from streamlme.events import Rejection
 from streamlme.store.base import MergeResult, OffsetRange, StateStore
 from streamlme.stream.batch import fold
 from streamlme.stream.dlq import RETRACT_EXCEEDS_GROUP, DeadLetterError, DeadLetters
@@ -116,7 +117,7 @@ class Ingestor:
         batch_max_events: int = 20_000,
         batch_max_seconds: float = 0.5,
         half_life: float | None = None,
-        on_rejection: Callable[[str], None] | None = None,
+        on_rejection: Callable[[list[Rejection]], None] | None = None,
         backoff: Backoff | None = None,
     ) -> None:
         self.source = source
@@ -282,7 +283,7 @@ class Ingestor:
         tps = [tp for tp, recs in pending.items() if recs]
         values: list[bytes] = []
         for tp in tps:
-            values.extend(r.value if r.value is not None else b"" for r in pending[tp])
+            values.extend(r.value for r in pending[tp])
         bounds = np.cumsum([len(pending[tp]) for tp in tps])
 
         def locate(i: int) -> tuple[TP, Any]:
@@ -293,6 +294,8 @@ class Ingestor:
         for rejection in decoded.rejections:
             tp, rec = locate(rejection.index)
             self._dead_letter(rejection.reason, tp, rec)
+        if decoded.rejections and self.on_rejection is not None:
+            self.on_rejection(decoded.rejections)
         delta = fold(decoded.groups, decoded.W, decoded.weights, decoded.ts, decoded.retract,
                      self.half_life)
         self._retry("sending dead letters", self.dead_letters.flush)
@@ -314,15 +317,18 @@ class Ingestor:
         self.report.batches += 1
         self.report.groups_touched += len(delta.adds) + (len(delta.retracts or ()))
         overdrawn = set(result.overdrawn)
-        n_overdrawn = 0
+        refused: list[Rejection] = []
         if overdrawn:
             for row, group in zip(delta.retract_rows, delta.retract_groups, strict=True):
                 if group in overdrawn:
-                    tp, rec = locate(int(decoded.index[row]))
+                    position = int(decoded.index[row])
+                    tp, rec = locate(position)
                     self._dead_letter(RETRACT_EXCEEDS_GROUP, tp, rec)
-                    n_overdrawn += 1
+                    refused.append(Rejection(position, RETRACT_EXCEEDS_GROUP))
             self._retry("sending dead letters", self.dead_letters.flush)
-        self.report.events_applied += len(decoded.groups) - n_overdrawn
+            if self.on_rejection is not None:
+                self.on_rejection(refused)
+        self.report.events_applied += len(decoded.groups) - len(refused)
         for tp, rng in offsets.items():
             self._expected[tp] = rng.end
         if offsets:
@@ -331,8 +337,6 @@ class Ingestor:
     def _dead_letter(self, reason: str, tp: TP, rec: Any) -> None:
         value = rec.value if rec.value is not None else b""
         self.dead_letters.add(reason, tp[0], tp[1], rec.offset, rec.key, value)
-        if self.on_rejection is not None:
-            self.on_rejection(reason)
 
     @staticmethod
     def _landed_earlier(result: MergeResult, offsets: Mapping[TP, OffsetRange]) -> bool:

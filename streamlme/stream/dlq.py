@@ -2,10 +2,12 @@
 
 A dead-letter record is a JSON object
 
-    {"reason": "...", "topic": "...", "partition": 0, "offset": 17,
+    {"reason": "missing_column: y", "code": "missing_column", "topic": "...", "partition": 0,
+     "offset": 17,
      "value_b64": "<original bytes, base64>", "key_b64": "<original key, base64 or null>"}
 
-keyed by the original key, with the reason also in the ``streamlme-reason`` header.
+keyed by the original key, with the reason also in the ``streamlme-reason`` header. The
+``code`` is the reason's stable first word (see `streamlme.events`); counts are kept per code.
 
 Ordering guarantee: the consumer flushes dead letters of a batch *before* it merges the batch
 into the store. A crash can therefore at worst send a dead letter twice (the batch is replayed),
@@ -32,6 +34,11 @@ REASON_HEADER = "streamlme-reason"
 RETRACT_EXCEEDS_GROUP = "retract_exceeds_group"
 
 
+def reason_code(reason: str) -> str:
+    """The stable code of a reason: ``"missing_column: y"`` -> ``"missing_column"``."""
+    return reason.split(":", 1)[0]
+
+
 class DeadLetterError(RuntimeError):
     """Dead letters the broker did not acknowledge; they are re-sent on the next flush."""
 
@@ -40,6 +47,7 @@ class DeadLetterRecord(msgspec.Struct):
     """The value of one dead-letter message."""
 
     reason: str
+    code: str
     topic: str
     partition: int
     offset: int
@@ -63,7 +71,7 @@ def encode_dead_letter(
     b64 = base64.b64encode
     return msgspec.json.encode(
         DeadLetterRecord(
-            reason, topic, partition, offset, b64(value).decode(),
+            reason, reason_code(reason), topic, partition, offset, b64(value).decode(),
             None if key is None else b64(key).decode(),
         )
     )
@@ -101,7 +109,7 @@ class KafkaDeadLetters:
     ) -> None:
         message = (key, encode_dead_letter(reason, topic, partition, offset, key, value), reason)
         self._pending.append((message, self._send(message)))
-        self.counts[reason] += 1
+        self.counts[reason_code(reason)] += 1
 
     def _send(self, message: tuple[bytes | None, bytes, str]) -> Any:
         key, value, reason = message
@@ -141,7 +149,7 @@ class LoggedDeadLetters:
     def add(
         self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
     ) -> None:
-        self.counts[reason] += 1
+        self.counts[reason_code(reason)] += 1
 
     def flush(self) -> None:
         """Nothing is buffered."""

@@ -1,0 +1,119 @@
+"""Wiring: from a `Config` to a running consumer or a finished publish (what the CLI calls).
+
+- `make_store(config)`: RedisStore when ``[redis]`` is configured, else the in-process
+  MemoryStore (loaded from ``store.snapshot`` if that file exists).
+- `run_consume(config, ...)`: Kafka when ``[kafka]`` is configured and no input file is given,
+  else JSON lines from a file or stdin (embedded mode) — through the same decode, fold and merge.
+- `run_publish(config, path)`: rows of a CSV / JSON-lines file to the configured topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from streamlme.config import Config, ConfigError
+from streamlme.events import EventDecoder, RejectionLog
+from streamlme.store.base import StateStore
+from streamlme.stream.consumer import ConsumeReport, Ingestor
+from streamlme.stream.dlq import DeadLetters, KafkaDeadLetters, LoggedDeadLetters
+from streamlme.stream.publish import publish_file
+from streamlme.stream.source import JsonLinesSource, KafkaSource, Source
+
+log = logging.getLogger(__name__)
+
+#: Message size limit of embedded mode (Kafka mode takes kafka.max_message_bytes).
+EMBEDDED_MAX_MESSAGE_BYTES = 1 << 20
+#: Micro-batch limits of embedded mode.
+EMBEDDED_BATCH_EVENTS = 50_000
+EMBEDDED_BATCH_SECONDS = 1.0
+
+
+def make_store(config: Config) -> StateStore:
+    """The store the configuration names; Redis connections time out rather than hang."""
+    spec = config.spec
+    if config.redis is not None:
+        import redis
+
+        from streamlme.store.redis import RedisStore
+
+        client = redis.Redis.from_url(
+            config.redis.url, socket_timeout=30, socket_connect_timeout=5,
+            health_check_interval=30,
+        )
+        return RedisStore(client, config.redis.namespace, d=len(spec.columns),
+                          columns=spec.columns)
+    from streamlme.store.memory import MemoryStore
+
+    snapshot = config.store.snapshot
+    return MemoryStore(snapshot if snapshot and os.path.exists(snapshot) else None)
+
+
+def close_store(config: Config, store: StateStore) -> None:
+    """Write the MemoryStore's snapshot, if one is configured; close connections."""
+    snapshot = config.store.snapshot
+    if config.redis is None and snapshot:
+        store.save(snapshot)  # type: ignore[attr-defined]
+        log.info("snapshot written to %s", snapshot)
+    client = getattr(store, "client", None)
+    if client is not None:
+        client.close()
+
+
+def make_source(config: Config, input_path: str | None) -> tuple[Source, DeadLetters]:
+    """The configured Kafka topic, or the JSON-lines input (``"-"`` is stdin)."""
+    if input_path is not None:
+        return JsonLinesSource(input_path), LoggedDeadLetters()
+    if config.kafka is None:
+        raise ConfigError([
+            f"{config.source}: kafka: not configured, so consume reads JSON lines; "
+            "give --input FILE (or --input - for stdin), or add a [kafka] section"
+        ])
+    k = config.kafka
+    return (
+        KafkaSource(k.topic, k.consumer_kwargs()),
+        KafkaDeadLetters(k.dead_letter_topic, k.producer_kwargs()),
+    )
+
+
+def make_ingestor(config: Config, store: StateStore, input_path: str | None = None) -> Ingestor:
+    source, dead_letters = make_source(config, input_path)
+    k = config.kafka if input_path is None else None
+    decoder = EventDecoder(
+        config.spec, k.max_message_bytes if k is not None else EMBEDDED_MAX_MESSAGE_BYTES
+    )
+    rejections = RejectionLog()
+    return Ingestor(
+        source, store, decoder, dead_letters,
+        batch_max_events=k.batch_max_events if k is not None else EMBEDDED_BATCH_EVENTS,
+        batch_max_seconds=k.batch_max_seconds if k is not None else EMBEDDED_BATCH_SECONDS,
+        half_life=config.model.half_life,
+        on_rejection=rejections.record,
+    )
+
+
+def run_consume(
+    config: Config,
+    max_events: int | None = None,
+    until_idle: float | None = None,
+    source: str | None = None,
+) -> ConsumeReport:
+    """Consume until SIGTERM/SIGINT, ``max_events`` read, ``until_idle`` seconds without events,
+    or (for a file) its end. ``source`` is a JSON-lines file or ``"-"`` for stdin; None reads
+    the configured Kafka topic."""
+    store = make_store(config)
+    try:
+        ingestor = make_ingestor(config, store, source)
+        ingestor.install_signal_handlers()
+        return ingestor.run(max_events=max_events, until_idle=until_idle)
+    finally:
+        close_store(config, store)
+
+
+def run_publish(config: Config, path: str | os.PathLike[str], progress: bool = True) -> int:
+    """Send a CSV / JSON-lines file's rows to the configured topic; returns how many."""
+    if config.kafka is None:
+        raise ConfigError([f"{config.source}: kafka: publish needs a [kafka] section"])
+    settings: dict[str, Any] = config.kafka.producer_kwargs()
+    return publish_file(path, config.kafka.topic, config.spec.group, settings, progress)
