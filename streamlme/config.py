@@ -46,7 +46,6 @@ import difflib
 import math
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -58,10 +57,10 @@ import msgspec.inspect as mi
 from streamlme.events import RESERVED_FIELDS
 from streamlme.spec import ModelSpec, SpecError
 
-if sys.version_info >= (3, 11):
+try:
     import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport, same API
+    import tomli as tomllib  # type: ignore[no-redef]
 
 ENV_PREFIX = "STREAMLME_"
 

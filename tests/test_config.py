@@ -1,0 +1,325 @@
+"""Configuration: a valid file loads, every kind of mistake is named exactly, env overrides win."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from streamlme.config import (
+    ConfigError,
+    check_config_file,
+    load_config,
+    parse_duration,
+)
+from streamlme.spec import ModelSpec
+
+FULL = """
+[model]
+response = "los"
+fixed = ["1", "age", "severity"]
+random = ["1", "age"]
+group = "hospital"
+covariance = "unstructured"
+method = "REML"
+
+[kafka]
+bootstrap_servers = "127.0.0.1:9092"
+topic = "events"
+group_id = "streamlme"
+dead_letter_topic = "events.dlq"
+
+[redis]
+url = "redis://127.0.0.1:6379/0"
+namespace = "hospital_los"
+
+[refresh]
+every = "60s"
+"""
+
+MINIMAL = """
+[model]
+response = "y"
+fixed = ["1"]
+random = ["1"]
+group = "g"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "streamlme.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def errors(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> list[str]:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={} if env is None else env)
+    assert all(line.startswith((f"{path}: ", "environment ")) for line in info.value.errors)
+    return [line.removeprefix(f"{path}: ") for line in info.value.errors]
+
+
+def test_the_public_example_loads(tmp_path):
+    config = load_config(write(tmp_path, FULL), env={})
+    assert config.spec == ModelSpec("los", ["1", "age", "severity"], ["1", "age"], "hospital")
+    assert config.kafka is not None and config.redis is not None
+    assert config.kafka.bootstrap_servers == ["127.0.0.1:9092"]
+    assert (config.kafka.topic, config.kafka.group_id) == ("events", "streamlme")
+    assert config.kafka.dead_letter_topic == "events.dlq"
+    assert config.kafka.max_message_bytes == 1 << 20
+    assert (config.redis.url, config.redis.namespace) == ("redis://127.0.0.1:6379/0",
+                                                          "hospital_los")
+    assert config.refresh.every == 60.0 and config.refresh.history == 50
+    assert config.model.half_life is None
+
+
+def test_minimal_file_is_embedded_mode_with_defaults(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL), env={})
+    assert config.kafka is None and config.redis is None and config.store.snapshot is None
+    assert (config.api.host, config.api.port, config.api.token) == ("127.0.0.1", 8000, None)
+    assert config.source.endswith("streamlme.toml")
+
+
+def test_optional_keys(tmp_path):
+    snapshot_dir = tmp_path / "state"
+    snapshot_dir.mkdir()
+    ca = tmp_path / "ca.pem"
+    ca.write_text("not really a certificate")
+    config = load_config(write(tmp_path, MINIMAL + """
+        half_life = "7d"
+        [kafka]
+        bootstrap_servers = ["k1:9093", "k2:9093"]
+        topic = "ev"
+        security_protocol = "SASL_SSL"
+        sasl_mechanism = "SCRAM-SHA-512"
+        sasl_plain_username = "app"
+        sasl_plain_password = "pw"
+        ssl_cafile = "ca.pem"
+        batch_max_seconds = "250ms"
+        [kafka.client]
+        request_timeout_ms = 20000
+        api_version = [2, 8, 0]
+        [redis]
+        url = "rediss://:secret@redis.example:6380/2"
+        [refresh]
+        every = "5m"
+        history = 10
+        tolerance = 1e-10
+        max_iter = 500
+        [api]
+        port = 9000
+        token = "t0k"
+        [store]
+        snapshot = "state/snap.bin"
+    """), env={})
+    assert config.model.half_life == 7 * 86400
+    k = config.kafka
+    assert k.dead_letter_topic == "ev.dlq"
+    assert k.batch_max_seconds == 0.25
+    assert k.ssl_cafile == str(ca)  # relative to the config file, made absolute
+    assert config.store.snapshot == str(snapshot_dir / "snap.bin")
+    consumer = k.consumer_kwargs()
+    assert consumer["bootstrap_servers"] == ["k1:9093", "k2:9093"]
+    assert consumer["enable_auto_commit"] is False and consumer["group_id"] == "streamlme"
+    assert consumer["sasl_mechanism"] == "SCRAM-SHA-512" and consumer["ssl_cafile"] == str(ca)
+    assert consumer["request_timeout_ms"] == 20000 and consumer["api_version"] == (2, 8, 0)
+    producer = k.producer_kwargs()
+    assert "group_id" not in producer and "max_poll_records" not in producer
+    assert producer["security_protocol"] == "SASL_SSL"
+    assert "group_id" not in k.admin_kwargs()
+    assert config.redis.safe_url == "rediss://:***@redis.example:6380/2"
+    assert (config.refresh.every, config.refresh.history) == (300.0, 10)
+    assert (config.refresh.tolerance, config.refresh.max_iter) == (1e-10, 500)
+    assert (config.api.port, config.api.token) == (9000, "t0k")
+
+
+def test_kafka_kwargs_are_accepted_by_kafka_python(tmp_path):
+    """Whatever we pass must be a setting the clients know (they raise on unknown ones)."""
+    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+
+    config = load_config(write(tmp_path, FULL + """
+        [kafka.client]
+        session_timeout_ms = 6000
+        linger_ms = 5
+        retry_backoff_ms = 200
+    """), env={})
+    for kwargs, client in ((config.kafka.consumer_kwargs(), KafkaConsumer),
+                           (config.kafka.producer_kwargs(), KafkaProducer),
+                           (config.kafka.admin_kwargs(), KafkaAdminClient)):
+        assert set(kwargs) <= set(client.DEFAULT_CONFIG)
+    assert config.kafka.consumer_kwargs()["session_timeout_ms"] == 6000
+    assert "session_timeout_ms" not in config.kafka.producer_kwargs()
+    assert config.kafka.producer_kwargs()["linger_ms"] == 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("[refresh]\nevery = '60x'",
+         "refresh.every: '60x' is not a duration; use e.g. '60s', '5m', '1h'"),
+        ("[refresh]\nevery = 0", "refresh.every: 0 must be longer than zero"),
+        ("[refresh]\nevry = '60s'", "refresh.evry: unknown key (did you mean 'every'?)"),
+        ("[refresh]\nhistory = '3'", "refresh.history: expected `int`, got `str` ('3')"),
+        ("[refresh]\nhistory = 0", "refresh.history: expected `int` >= 1, got 0"),
+        ("[api]\nport = 70000", "api.port: expected `int` <= 65535, got 70000"),
+        ("[redis]\nnamespace = 'a b'", "redis.namespace: 'a b': use 1-100 letters"),
+        ("[redis]\nurl = 'http://x'", "redis.url: 'http://x': expected redis://, rediss://"),
+        ("[kafka]\ntopic = 'e'", "kafka.bootstrap_servers: missing"),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\nsecurity_protocol = 'TLS'",
+         "kafka.security_protocol: invalid value 'TLS'; expected one of 'PLAINTEXT', "),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\nsecurity_protocol = 'SASL_SSL'",
+         "kafka.sasl_mechanism: required with security_protocol SASL_SSL"),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\nsecurity_protocol = 'SASL_SSL'\n"
+         "sasl_mechanism = 'PLAIN'", "kafka.sasl_plain_username: required with sasl_mechanism"),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\nssl_cafile = 'nope.pem'",
+         "kafka.ssl_cafile: "),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\n[kafka.client]\nreqest_timeout_ms = 1",
+         "kafka.client.reqest_timeout_ms: not a kafka-python client setting "
+         "(did you mean 'request_timeout_ms'?)"),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\n[kafka.client]\nenable_auto_commit = true",
+         "kafka.client.enable_auto_commit: not settable: streamlme commits offsets itself"),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\n[kafka.client]\nclient_id = 'x'",
+         "kafka.client.client_id: set it as kafka.client_id"),
+        ("[kafka]\nbootstrap_servers = 'k:1'\ntopic = 'e'\n[kafka.client]\nselector = 'x'",
+         "kafka.client.selector: not a kafka-python client setting"),
+        ("[store]\nsnapshot = 'no/such/dir/s.bin'", "store.snapshot: folder "),
+        ("[bogus]\nx = 1", "bogus: unknown section"),
+    ],
+)
+def test_each_mistake_is_named(tmp_path, extra, expected):
+    found = errors(tmp_path, MINIMAL + extra)
+    assert any(line.startswith(expected) for line in found), found
+
+
+def test_a_section_that_is_not_a_table(tmp_path):
+    found = errors(tmp_path, "refresh = 5\n" + MINIMAL)
+    assert found == ["refresh: expected a table [refresh], got an integer"]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ('response = "y"\nfixed = []\nrandom = ["1"]\ngroup = "g"',
+         'model.fixed: the fixed part is empty; give at least "1" for an intercept'),
+        ('response = "y"\nfixed = ["1", "y"]\nrandom = ["1"]\ngroup = "g"',
+         "model.fixed: 'y' is the response column"),
+        ('response = "y"\nfixed = ["1"]\nrandom = ["1"]\ngroup = "g"\ncovariance = "full"',
+         "model.covariance: 'full' is not one of unstructured, diagonal"),
+        ('response = "y"\nfixed = ["1"]\nrandom = ["1"]\ngroup = "g"\nmethod = "OLS"',
+         "model.method: 'OLS' is not one of REML, ML, EM"),
+        ('response = "y"\nfixed = ["1"]\nrandom = ["1"]', "model.group: missing"),
+        ('response = "y"\nfixed = "1"\nrandom = ["1"]\ngroup = "g"',
+         "model.fixed: expected `array`, got `str` ('1')"),
+        ('response = "y"\nfixed = ["1", "weight"]\nrandom = ["1"]\ngroup = "g"',
+         "model: column 'weight' clashes with the event field"),
+        ('response = "y"\nfixed = ["1"]\nrandom = ["1"]\ngroup = "g"\nhalf_life = "soon"',
+         "model.half_life: 'soon' is not a duration"),
+    ],
+)
+def test_model_mistakes_are_named(tmp_path, model, expected):
+    found = errors(tmp_path, f"[model]\n{model}\n")
+    assert any(line.startswith(expected) for line in found), found
+
+
+def test_all_problems_are_reported_at_once(tmp_path):
+    found = errors(tmp_path, MINIMAL + "[refresh]\nevery = 'x'\n[api]\nprot = 1\n[redis]\nurl = 1\n")
+    assert len(found) == 3, found
+
+
+def test_missing_model_and_unreadable_files(tmp_path):
+    assert errors(tmp_path, "[refresh]\nevery = '1m'\n") == [
+        "model: missing; give at least response, fixed, random and group"
+    ]
+    with pytest.raises(ConfigError, match="cannot read: No such file"):
+        load_config(tmp_path / "absent.toml", env={})
+    bad = write(tmp_path, "[model\nresponse = 1")
+    with pytest.raises(ConfigError, match=r"not valid TOML: .*line 1"):
+        load_config(bad, env={})
+
+
+def test_environment_overrides_the_file(tmp_path):
+    env = {
+        "STREAMLME_REDIS_URL": "redis://:pw@10.0.0.1:6379/3",
+        "STREAMLME_KAFKA_BOOTSTRAP_SERVERS": "a:1, b:2",
+        "STREAMLME_KAFKA_MAX_POLL_RECORDS": "100",
+        "STREAMLME_KAFKA_CLIENT_RETRY_BACKOFF_MS": "250",
+        "STREAMLME_KAFKA_SSL_CHECK_HOSTNAME": "false",
+        "STREAMLME_MODEL_FIXED": "1,age",
+        "STREAMLME_REFRESH_EVERY": "2h",
+        "STREAMLME_API_TOKEN": "secret",
+        "STREAMLME_API_PORT": "",  # empty: ignored
+        "STREAMLME_KAFKA": "host:9092",  # the test suite's variable, not a config key
+        "STREAMLME_LOG_LEVEL": "debug",  # not a config section
+        "OTHER_REDIS_URL": "redis://nope",
+    }
+    config = load_config(write(tmp_path, FULL), env=env)
+    assert config.redis.url == "redis://:pw@10.0.0.1:6379/3"
+    assert config.kafka.bootstrap_servers == ["a:1", "b:2"]
+    assert config.kafka.max_poll_records == 100
+    assert config.kafka.client == {"retry_backoff_ms": 250}
+    assert config.kafka.ssl_check_hostname is False
+    assert config.spec.fixed == ("1", "age")
+    assert config.refresh.every == 7200.0
+    assert (config.api.token, config.api.port) == ("secret", 8000)
+
+
+def test_environment_alone_and_its_mistakes(tmp_path):
+    env = {"STREAMLME_MODEL_RESPONSE": "y", "STREAMLME_MODEL_FIXED": "1",
+           "STREAMLME_MODEL_RANDOM": "1", "STREAMLME_MODEL_GROUP": "g",
+           "STREAMLME_REDIS_NAMESPACE": "ns"}
+    config = load_config(None, env=env)
+    assert config.spec.formula == "y ~ 1 + (1 | g)" and config.redis.namespace == "ns"
+    assert config.source == "<environment>"
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env=env | {"STREAMLME_API_PROT": "1", "STREAMLME_API_PORT": "x"})
+    assert info.value.errors == [
+        "environment STREAMLME_API_PORT: api.port: 'x' is not an integer",
+        "environment STREAMLME_API_PROT: api.prot is not a known key (did you mean 'port'?);"
+        " known: host, port, token",
+    ]
+
+
+def test_check_config_file(tmp_path):
+    ok, message = check_config_file(write(tmp_path, FULL), env={})
+    assert ok and message.startswith("ok: ")
+    assert "los ~ 1 + age + severity + (1 + age | hospital)" in message
+    assert "topic 'events'" in message and "namespace 'hospital_los'" in message
+    ok, message = check_config_file(write(tmp_path, FULL + "[api]\nport = -1\n"), env={})
+    assert not ok and "api.port: expected `int` >= 0, got -1" in message
+    secret = FULL.replace("redis://127", "redis://:hunter2@127")
+    ok, message = check_config_file(write(tmp_path, secret), env={})
+    assert ok and "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("60s", 60), ("5m", 300), ("1h", 3600), ("7d", 604800), ("1w", 604800), ("250ms", 0.25),
+     ("1h30m", 5400), ("1.5h", 5400), (" 2 m ", 120), ("90", 90), (45, 45), (0.5, 0.5), ("0s", 0)],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["60x", "", "s", "-5s", "5s-", "1e999", "nan", "inf", True,
+                                  None, [1], "5 minutes"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+
+
+def test_reads_toml_without_tomllib(tmp_path):
+    """Python 3.10 has no tomllib: with it hidden, the module falls back to the tomli backport."""
+    pytest.importorskip("tomli")
+    path = write(tmp_path, FULL)
+    code = (
+        "import sys; sys.modules['tomllib'] = None\n"
+        "import streamlme.config as c\n"
+        "assert c.tomllib.__name__ == 'tomli', c.tomllib\n"
+        f"print(c.load_config({str(path)!r}, env={{}}).kafka.topic)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "events"

@@ -1,0 +1,238 @@
+"""EventDecoder: good rows decode exactly, every malformed kind gets its reason, nothing raises."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from streamlme.events import DecodedBatch, EventDecoder, Rejection, RejectionLog
+from streamlme.spec import ModelSpec
+
+SPEC = ModelSpec(response="los", fixed=["1", "age", "severity"], random=["1", "age"],
+                 group="hospital")
+CODES = {
+    "invalid_json", "not_an_object", "missing_column", "non_numeric", "not_finite", "bad_group",
+    "bad_weight", "bad_ts", "unknown_op", "oversized", "invalid_event",
+}
+
+
+@pytest.fixture(scope="module")
+def decoder() -> EventDecoder:
+    return EventDecoder(SPEC, max_message_bytes=4096)
+
+
+def row(**overrides: object) -> bytes:
+    base: dict[str, object] = {"hospital": "A17", "age": 63, "severity": 2.1, "los": 4.5}
+    base.update(overrides)
+    return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+
+
+def only_reason(decoder: EventDecoder, value: bytes) -> str:
+    batch = decoder.decode([value])
+    assert len(batch) == 0 and len(batch.rejections) == 1
+    assert batch.rejections[0].index == 0
+    return batch.rejections[0].reason
+
+
+def test_good_rows_decode_to_arrays_in_spec_column_order(decoder):
+    batch = decoder.decode([
+        row(),
+        row(hospital=17, age=50, severity=-1, los=2, weight=2.5, ts=1700000000.5, op="retract",
+            extra={"ignored": [1, 2]}),
+        row(hospital="B", ts="2024-01-01T00:00:00Z", op="add"),
+    ])
+    assert SPEC.columns == ("age", "severity", "los")
+    assert batch.groups == ["A17", "17", "B"]
+    np.testing.assert_array_equal(batch.W, [[63, 2.1, 4.5], [50, -1, 2], [63, 2.1, 4.5]])
+    assert batch.W.dtype == np.float64 and batch.W.shape == (3, 3)
+    np.testing.assert_array_equal(batch.weights, [1.0, 2.5, 1.0])
+    assert math.isnan(batch.ts[0]) and batch.ts[1] == 1700000000.5 and batch.ts[2] == 1704067200.0
+    assert batch.retract.tolist() == [False, True, False]
+    assert batch.index.tolist() == [0, 1, 2]
+    assert batch.rejections == []
+
+
+def test_empty_batch(decoder):
+    batch = decoder.decode([])
+    assert batch.W.shape == (0, 3) and batch.groups == [] and batch.index.shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (b'{"hospital": "A", "age": 1,', "invalid_json"),
+        (b"", "invalid_json"),
+        (b'{"hospital": "A", "age": NaN, "severity": 1, "los": 1}', "invalid_json"),
+        (b'{"hospital": "A", "age": Infinity, "severity": 1, "los": 1}', "invalid_json"),
+        (b'\xff\xfe{"a": 1}', "invalid_json"),
+        (b'{"hospital": "\xff", "age": 1, "severity": 1, "los": 1}', "invalid_json"),
+        (row() + b" trailing", "invalid_json"),
+        (b"[1, 2]", "not_an_object: got array"),
+        (b'"text"', "not_an_object: got str"),
+        (b"42", "not_an_object: got int"),
+        (row(age=...), "missing_column: age"),
+        (row(hospital=...), "missing_column: hospital"),
+        (row(age="63"), "non_numeric: age (got str)"),
+        (row(severity=True), "non_numeric: severity (got bool)"),
+        (row(los=None), "non_numeric: los (got null)"),
+        (row(age=[1]), "non_numeric: age (got array)"),
+        (b'{"hospital": "A", "age": 1, "severity": 1e400, "los": 1}', "not_finite: severity"),
+        (b'{"hospital": "A", "age": 1, "severity": 1, "los": -1e999}', "not_finite: los"),
+        (row(hospital=""), "bad_group: empty"),
+        (row(hospital="x" * 257), "bad_group: over 256 bytes (257)"),
+        (row(hospital="é" * 129), "bad_group: over 256 bytes (258)"),
+        (row(hospital=1.5), "bad_group: expected a string or an integer, got float"),
+        (row(hospital=True), "bad_group: expected a string or an integer, got bool"),
+        (row(hospital=None), "bad_group: expected a string or an integer, got null"),
+        (row(weight=0), "bad_weight"),
+        (row(weight=-2), "bad_weight"),
+        (row(weight="heavy"), "bad_weight"),
+        (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1, "weight": 1e400}', "bad_weight"),
+        (row(ts="yesterday"), "bad_ts"),
+        (row(ts="2024-01-01T00:00:00"), "bad_ts"),  # no timezone: ambiguous
+        (row(ts=True), "bad_ts"),
+        (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1, "ts": 1e400}', "bad_ts"),
+        (row(op="delete"), "unknown_op: 'delete'"),
+        (row(op=1), "unknown_op: got int"),
+        (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1, "pad": "' + b"x" * 5000 + b'"}',
+         "oversized: 5063 bytes > 4096"),
+    ],
+)
+def test_each_malformed_kind_gets_its_reason(decoder, value, reason):
+    assert only_reason(decoder, value).startswith(reason)
+
+
+def test_group_boundaries(decoder):
+    ok = decoder.decode([row(hospital="x" * 256), row(hospital="é" * 128), row(hospital=-5),
+                         row(hospital=10**30), row(hospital=" ")])
+    assert ok.rejections == []
+    assert ok.groups[2:] == ["-5", str(10**30), " "]
+
+
+def test_none_value_is_rejected_not_raised(decoder):
+    batch = decoder.decode([None, row()])
+    assert batch.rejections == [Rejection(0, "invalid_json: no value (a tombstone)")]
+    assert batch.index.tolist() == [1]
+
+
+def test_mixed_batch_keeps_positions(decoder):
+    values = [row(age=i) if i % 3 else row(hospital="") for i in range(30)]
+    batch = decoder.decode(values)
+    assert [r.index for r in batch.rejections] == list(range(0, 30, 3))
+    assert all(r.code == "bad_group" for r in batch.rejections)
+    assert batch.index.tolist() == [i for i in range(30) if i % 3]
+    assert batch.W[:, 0].tolist() == [float(i) for i in range(30) if i % 3]
+    assert len(batch.weights) == len(batch.ts) == len(batch.retract) == len(batch.groups) == 20
+
+
+def test_column_named_like_an_event_field_is_refused():
+    with pytest.raises(ValueError, match="'weight' clashes"):
+        EventDecoder(ModelSpec(response="y", fixed=["1", "weight"], random=["1"], group="g"))
+
+
+def test_odd_column_names_work():
+    spec = ModelSpec(response="length of stay", fixed=["1", "class"], random=["1"], group="in")
+    batch = EventDecoder(spec).decode([b'{"in": "a", "class": 1, "length of stay": 2}'])
+    assert batch.W.tolist() == [[1.0, 2.0]] and batch.groups == ["a"]
+
+
+def test_single_column_model():
+    spec = ModelSpec(response="y", fixed=["1"], random=["1"], group="g")
+    batch = EventDecoder(spec).decode([b'{"g": "a", "y": 2}', b'{"g": "b", "y": 3}'])
+    assert batch.W.shape == (2, 1) and batch.W[:, 0].tolist() == [2.0, 3.0]
+
+
+# --- properties ------------------------------------------------------------------------------
+
+finite = st.floats(allow_nan=False, allow_infinity=False)
+groups = st.one_of(
+    st.text(min_size=1, max_size=20).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+events = st.fixed_dictionaries(
+    {"hospital": groups, "age": finite, "severity": finite, "los": finite},
+    optional={
+        "weight": st.floats(min_value=1e-300, max_value=1e300),
+        "ts": finite,
+        "op": st.sampled_from(["add", "retract"]),
+        "note": st.text(max_size=5),
+    },
+)
+
+
+def check_invariants(batch: DecodedBatch, n: int) -> None:
+    good = batch.index.tolist()
+    bad = [r.index for r in batch.rejections]
+    assert sorted(good + bad) == list(range(n)), "every value is decoded or rejected, once"
+    assert good == sorted(good) and bad == sorted(bad)
+    assert all(r.code in CODES and r.reason for r in batch.rejections)
+    assert batch.W.shape == (len(good), 3) and np.isfinite(batch.W).all()
+    assert (batch.weights > 0).all() and np.isfinite(batch.weights).all()
+    assert len(batch.groups) == len(batch.ts) == len(batch.retract) == len(good)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=20))
+def test_arbitrary_bytes_never_raise(values):
+    check_invariants(EventDecoder(SPEC).decode(values), len(values))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(events, min_size=1, max_size=20))
+def test_valid_rows_round_trip_exactly(rows):
+    batch = EventDecoder(SPEC).decode([json.dumps(r).encode() for r in rows])
+    assert batch.rejections == []
+    assert batch.groups == [str(r["hospital"]) for r in rows]
+    assert batch.W.tolist() == [[r["age"], r["severity"], r["los"]] for r in rows]
+    assert batch.weights.tolist() == [r.get("weight", 1.0) for r in rows]
+    assert [None if math.isnan(t) else t for t in batch.ts.tolist()] == [r.get("ts") for r in rows]
+    assert batch.retract.tolist() == [r.get("op") == "retract" for r in rows]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | finite | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(events.map(json.dumps), json_values.map(json.dumps),
+                          st.dictionaries(st.sampled_from(["hospital", "age", "severity", "los",
+                                                           "weight", "ts", "op"]),
+                                          json_values).map(json.dumps)),
+                max_size=20))
+def test_malformed_rows_between_good_ones(docs):
+    values = [d.encode() for d in docs]
+    batch = EventDecoder(SPEC).decode(values)
+    check_invariants(batch, len(values))
+    for i, doc in zip(batch.index.tolist(), range(len(batch))):
+        parsed = json.loads(docs[i])
+        assert batch.W[doc].tolist() == [parsed["age"], parsed["severity"], parsed["los"]]
+
+
+# --- rejection log ---------------------------------------------------------------------------
+
+
+def test_rejection_log_logs_once_per_code_per_interval(caplog):
+    now = [0.0]
+    log = RejectionLog(interval=60.0, clock=lambda: now[0])
+    caplog.set_level(logging.WARNING, logger="streamlme.events")
+    log.record([Rejection(0, "bad_group: empty"), Rejection(1, "bad_group: empty"),
+                Rejection(2, "invalid_json: x")], context="partition 3")
+    assert len(caplog.records) == 2
+    assert "partition 3" in caplog.records[0].getMessage()
+    now[0] = 59.0
+    log.record([Rejection(0, "bad_group: empty")] * 5)
+    assert len(caplog.records) == 2
+    now[0] = 61.0
+    log.record([Rejection(0, "bad_group: over 256 bytes (300)")])
+    assert len(caplog.records) == 3
+    assert "7 bad_group since the last report, 8 in all" in caplog.records[-1].getMessage()
+    assert dict(log.counts) == {"bad_group": 8, "invalid_json": 1} and log.total == 9
