@@ -32,7 +32,7 @@ def encode_group(group: str) -> str:
     raw = group.encode("utf-8")
     if len(raw) > MAX_GROUP_BYTES:
         raise KeyNameError(
-            f"group id of {len(raw)} UTF-8 bytes is longer than {MAX_GROUP_BYTES}: {group[:40]!r}..."
+            f"group id {group[:40]!r}... has {len(raw)} UTF-8 bytes, more than {MAX_GROUP_BYTES}"
         )
     return quote_from_bytes(raw, safe="")
 

@@ -18,6 +18,7 @@
 -- Everything that could fail is checked before the first write: Redis does not roll back a
 -- script that errors half-way.
 
+local s_unpack, s_pack, unpack, sub = struct.unpack, struct.pack, unpack, string.sub
 local header = ARGV[1]
 local d = string.byte(header, 4)
 local half_life = tonumber(ARGV[2])
@@ -72,7 +73,7 @@ local function read(first, count)
     local got = redis.call('MGET', unpack(KEYS, lo, hi))
     for j = 1, #got do
       local v = got[j]
-      if v and (#v ~= size or string.sub(v, 1, 4) ~= header) then
+      if v and (#v ~= size or sub(v, 1, 4) ~= header) then
         return nil, KEYS[lo + j - 1]
       end
       values[lo - first + j] = v
@@ -85,18 +86,6 @@ if not cur_a then return redis.error_reply('CORRUPT ' .. bad_a .. ' is not a rec
 local cur_r, bad_r = read(4 + na, nr)
 if not cur_r then return redis.error_reply('CORRUPT ' .. bad_r .. ' is not a record of width ' .. d) end
 
--- row/column of each upper-triangle entry, in numpy.triu_indices order
-local ra, rb = {}, {}
-do
-  local k = 0
-  for a = 1, d do
-    for b = a, d do
-      k = k + 1
-      ra[k], rb[k] = a, b
-    end
-  end
-end
-
 local inf = math.huge
 local function fmax(x, y)  -- numpy.fmax: NaN only if both are NaN
   if x ~= x then return y end
@@ -106,7 +95,10 @@ local function fmax(x, y)  -- numpy.fmax: NaN only if both are NaN
 end
 local function finite(x) return x == x and x ~= inf and x ~= -inf end
 
--- GroupStats.decay_to for one record s = {n, t, mean..., tri...}: age mass n and C to time t
+-- Records are tables {n, t, mean[1..d], C upper triangle}; c0 is the index before C.
+local c0 = 2 + d
+
+-- GroupStats.decay_to for one record: age mass n and C to time t
 local function decay(s, t)
   local t_old = s[2]
   if finite(t_old) then
@@ -114,16 +106,17 @@ local function decay(s, t)
     if dt < 0 then dt = 0 end
     local f = 2 ^ (-dt / half_life)
     s[1] = s[1] * f
-    for k = 1, ntri do s[2 + d + k] = s[2 + d + k] * f end
+    for k = c0 + 1, nvals do s[k] = s[k] * f end
   end
   s[2] = fmax(t_old, t)
 end
 
+local out_fmt = '<BBBB' .. string.sub(fmt, 2)
+local magic1, magic2, version = string.byte(header, 1, 3)
 local function pack(s)
-  return header .. struct.pack(fmt, unpack(s, 1, nvals))
+  return s_pack(out_fmt, magic1, magic2, version, d, unpack(s, 1, nvals))
 end
 
-local written = {}  -- new values by key, so retractions see this batch's additions
 local function flush(pairs_, members)
   for lo = 1, #pairs_, 2 * CHUNK do
     redis.call('MSET', unpack(pairs_, lo, math.min(lo + 2 * CHUNK - 1, #pairs_)))
@@ -133,19 +126,23 @@ local function flush(pairs_, members)
   end
 end
 
--- 4. additions: pairwise (Chan et al.) merge, as merge_moments
-local out, members = {}, {}
+local delta = {}
+local written = {}  -- new values by key, so retractions see this batch's additions
+
+-- 4. additions: pairwise (Chan et al.) merge, as merge_moments, computed in place in a
+local out, members, no, nm = {}, {}, 0, 0
 for i = 1, na do
   local key = KEYS[3 + i]
-  local b = {struct.unpack(fmt, adds, (i - 1) * size + 5)}
+  local b = {s_unpack(fmt, adds, (i - 1) * size + 5)}
   local a
   if cur_a[i] then
-    a = {struct.unpack(fmt, cur_a[i], 5)}
+    a = {s_unpack(fmt, cur_a[i], 5)}
   else
     a = {0, 0 / 0}
     for k = 3, nvals do a[k] = 0 end
-    members[#members + 1] = 0
-    members[#members + 1] = string.sub(key, prefix_len + 1)
+    members[nm + 1] = 0
+    members[nm + 2] = sub(key, prefix_len + 1)
+    nm = nm + 2
   end
   if half_life then
     local t = fmax(a[2], b[2])
@@ -157,63 +154,71 @@ for i = 1, na do
   local safe = n
   if not (n > 0) then safe = 1.0 end
   local r = n_b / safe
-  local delta = {}
-  local s = {n, fmax(a[2], b[2])}
   for j = 1, d do
-    local dj = b[2 + j] - a[2 + j]
+    local m = a[2 + j]
+    local dj = b[2 + j] - m
     delta[j] = dj
-    s[2 + j] = a[2 + j] + dj * r
+    a[2 + j] = m + dj * r
   end
   local w = n_a * n_b / safe
-  for k = 1, ntri do
-    s[2 + d + k] = a[2 + d + k] + b[2 + d + k] + w * delta[ra[k]] * delta[rb[k]]
+  local k = c0
+  for row = 1, d do
+    local wd = w * delta[row]
+    for col = row, d do
+      k = k + 1
+      a[k] = a[k] + b[k] + wd * delta[col]
+    end
   end
-  local v = pack(s)
-  out[#out + 1] = key
-  out[#out + 1] = v
+  a[1] = n
+  a[2] = fmax(a[2], b[2])
+  local v = pack(a)
+  out[no + 1] = key
+  out[no + 2] = v
+  no = no + 2
   if nr > 0 then written[key] = v end
 end
 flush(out, members)
 
--- 5. retractions: inverse update, as retract_moments; refuse (per group) to overdraw
+-- 5. retractions: inverse update, as retract_moments, in place; refuse to overdraw a group
 local overdrawn = {1}
-out = {}
+out, no = {}, 0
 for i = 1, nr do
   local key = KEYS[3 + na + i]
   local cur = written[key] or cur_r[i]
-  local b = {struct.unpack(fmt, retracts, (i - 1) * size + 5)}
-  local s = cur and {struct.unpack(fmt, cur, 5)}
+  local b = {s_unpack(fmt, retracts, (i - 1) * size + 5)}
+  local s = cur and {s_unpack(fmt, cur, 5)}
   if not s or s[1] - b[1] < -1e-9 * s[1] then
     overdrawn[#overdrawn + 1] = i
   else
     local n, n_b = s[1], b[1]
     local n_a = n - n_b
     local empty = n_a <= 1e-12 * math.max(n, 1.0)
-    local safe = n_a
-    if empty then safe = 1.0 end
-    local r = n_b / safe
-    local delta = {}
-    for j = 1, d do
-      local m = s[2 + j]
-      local m_a = m + r * (m - b[2 + j])
-      delta[j] = b[2 + j] - m_a
-      s[2 + j] = m_a
-    end
-    local nn = n
-    if not (nn > 0) then nn = 1.0 end
-    local w = n_a * n_b / nn
-    for k = 1, ntri do
-      s[2 + d + k] = s[2 + d + k] - b[2 + d + k] - w * delta[ra[k]] * delta[rb[k]]
-    end
-    s[1] = n_a
     if empty then
-      for k = 1, nvals do
-        if k ~= 2 then s[k] = 0 end
+      for k = 3, nvals do s[k] = 0 end
+      s[1] = 0
+    else
+      local r = n_b / n_a
+      for j = 1, d do
+        local m = s[2 + j]
+        local m_a = m + r * (m - b[2 + j])
+        delta[j] = b[2 + j] - m_a
+        s[2 + j] = m_a
       end
+      local w = n_a * n_b / n
+      local k = c0
+      for row = 1, d do
+        local wd = w * delta[row]
+        for col = row, d do
+          k = k + 1
+          s[k] = s[k] - b[k] - wd * delta[col]
+        end
+      end
+      s[1] = n_a
     end
     local v = pack(s)
-    out[#out + 1] = key
-    out[#out + 1] = v
+    out[no + 1] = key
+    out[no + 2] = v
+    no = no + 2
     written[key] = v
   end
 end

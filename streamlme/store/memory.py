@@ -1,0 +1,353 @@
+"""MemoryStore: the embedded `StateStore`, in-process, with atomic snapshots to a file.
+
+It keeps one `GroupStats` and a dict of offsets behind a lock (the API server may read while
+the consumer writes) and gives the same guarantees as `RedisStore`: a batch applies only if
+every partition continues where its recorded offset ends, additions are merged before
+retractions, and retractions that would overdraw a group are refused per group.
+
+>>> import numpy as np
+>>> from streamlme.store.base import OffsetRange
+>>> store = MemoryStore()
+>>> batch = GroupStats.from_rows(["a", "b", "a"], np.array([[1.0, 2.0], [3.0, 1.0], [2.0, 4.0]]))
+>>> store.merge(batch, offsets={("events", 0): OffsetRange(0, 3)}).applied
+True
+>>> store.merge(batch, offsets={("events", 0): OffsetRange(0, 3)})  # a replay changes nothing
+MergeResult(applied=False, conflicts={('events', 0): 3}, overdrawn=[])
+>>> store.get("a").n.tolist(), store.offsets("events")
+([2.0], {0: 3})
+
+`snapshot` writes every group, offset and model version to one ``.npz`` file (a temporary file
+renamed over the old one, so a crash mid-write leaves the previous snapshot intact), and
+``MemoryStore(snapshot=path)`` starts from it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from streamlme.stats import GroupStats, unpack_many
+from streamlme.store.base import MergeResult, OffsetRange, TopicPartition
+from streamlme.store.errors import StaleFenceError, StoreError
+from streamlme.store.policy import MODEL_HISTORY, OVERDRAW_RTOL
+
+#: Version of the snapshot file layout (not of the statistics records inside it).
+SNAPSHOT_VERSION = 1
+
+
+class MemoryStore:
+    """The `StateStore` in this process.
+
+    Parameters
+    ----------
+    snapshot
+        A file written by `snapshot` to start from; a missing file starts empty.
+    d
+        Number of statistics columns, if known (else set by the first merge).
+    columns
+        Column names, recorded and checked like `RedisStore` does.
+    model_history
+        How many model versions to keep.
+    """
+
+    def __init__(
+        self,
+        snapshot: str | os.PathLike[str] | None = None,
+        d: int | None = None,
+        columns: Sequence[str] | None = None,
+        model_history: int = MODEL_HISTORY,
+    ) -> None:
+        if model_history < 1:
+            raise StoreError(f"model_history must be at least 1, got {model_history}")
+        self._lock = threading.RLock()
+        self.columns = tuple(columns) if columns is not None else None
+        if self.columns is not None and d is not None and len(self.columns) != d:
+            raise StoreError(f"{len(self.columns)} columns given for statistics of width d={d}")
+        self._d = d if d is not None else (len(self.columns) if self.columns else None)
+        self.model_history = model_history
+        self._stats: GroupStats | None = None
+        self._offsets: dict[TopicPartition, int] = {}
+        self._models: dict[int, bytes] = {}
+        self._model_seq = 0
+        self._model_current: int | None = None
+        self._fence: int | None = None
+        if snapshot is not None and Path(snapshot).exists():
+            self._restore(Path(snapshot))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **kwargs: object) -> MemoryStore:
+        """A store holding what the snapshot at ``path`` holds (FileNotFoundError if none)."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"no MemoryStore snapshot at {path}")
+        return cls(snapshot=path, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def d(self) -> int | None:
+        return self._d
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(d={self._d}, groups={self.n_groups()})"
+
+    # -- merge ------------------------------------------------------------------------------
+
+    def merge(
+        self,
+        adds: GroupStats,
+        retracts: GroupStats | None = None,
+        offsets: Mapping[TopicPartition, OffsetRange] | None = None,
+        half_life: float | None = None,
+    ) -> MergeResult:
+        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets``; all or nothing."""
+        retracts = retracts if retracts is not None and len(retracts) else None
+        offsets = dict(offsets or {})
+        for (topic, partition), rng in offsets.items():
+            if rng.end < rng.start:
+                raise StoreError(f"offset range of {topic}:{partition} ends before it starts")
+        if half_life is not None and not (half_life > 0 and half_life != float("inf")):
+            raise StoreError(f"half_life must be a positive finite number, got {half_life}")
+        with self._lock:
+            width = self._check_width(adds, retracts)
+            conflicts = {
+                tp: self._offsets[tp]
+                for tp, rng in offsets.items()
+                if tp in self._offsets and self._offsets[tp] != rng.start
+            }
+            if conflicts:
+                return MergeResult(applied=False, conflicts=conflicts)
+            if width is not None:
+                self._d = width
+            if len(adds):
+                if self._stats is None:
+                    # Exactly what merging into zeros gives: m_b * (n_b / n_b) is m_b.
+                    self._stats = adds.copy()
+                else:
+                    self._stats.merge(adds, half_life=half_life)
+            overdrawn: list[str] = []
+            if retracts is not None:
+                overdrawn = self._retract(retracts)
+            for tp, rng in offsets.items():
+                self._offsets[tp] = rng.end
+            return MergeResult(applied=True, overdrawn=overdrawn)
+
+    def _check_width(self, adds: GroupStats, retracts: GroupStats | None) -> int | None:
+        widths = {s.d for s in (adds, retracts) if s is not None and len(s)}
+        if len(widths) > 1:
+            raise StoreError(f"adds and retracts differ in width: {sorted(widths)}")
+        width = widths.pop() if widths else None
+        if width is not None and self._d is not None and width != self._d:
+            raise StoreError(f"batch has {width} columns; this store holds {self._d}")
+        return width
+
+    def _retract(self, retracts: GroupStats) -> list[str]:
+        stats = self._stats
+        if stats is None:
+            return list(retracts.keys)
+        have = np.array([k in stats for k in retracts.keys])
+        n_now = np.zeros(len(retracts))
+        if have.any():
+            n_now[have] = stats.n[[stats.index(k) for k, h in zip(retracts.keys, have,
+                                                                   strict=True) if h]]
+        ok = have & ~(n_now - retracts.n < -OVERDRAW_RTOL * n_now)
+        if ok.any():
+            stats.retract(retracts.select([k for k, o in zip(retracts.keys, ok, strict=True)
+                                           if o]))
+        return [k for k, o in zip(retracts.keys, ok, strict=True) if not o]
+
+    # -- reads ------------------------------------------------------------------------------
+
+    def offsets(self, topic: str) -> dict[int, int]:
+        with self._lock:
+            return {p: off for (t, p), off in self._offsets.items() if t == topic}
+
+    def get(self, group: str) -> GroupStats | None:
+        with self._lock:
+            if self._stats is None or group not in self._stats:
+                return None
+            return self._stats.select([group])
+
+    def get_many(self, groups: Sequence[str]) -> GroupStats:
+        with self._lock:
+            if self._stats is None:
+                return GroupStats.empty(self._d or 0)
+            return self._stats.select([g for g in dict.fromkeys(groups) if g in self._stats])
+
+    def scan(self, chunk: int = 10_000) -> Iterator[GroupStats]:
+        """Every group once, ``chunk`` at a time, in the order they were first seen.
+
+        Groups only ever get appended, so groups added while a scan runs may or may not be
+        seen, and none is seen twice.
+        """
+        if chunk < 1:
+            raise StoreError(f"chunk must be at least 1, got {chunk}")
+        start = 0
+        while True:
+            with self._lock:
+                if self._stats is None or start >= len(self._stats):
+                    return
+                part = self._stats.select(self._stats.keys[start : start + chunk])
+            start += len(part)
+            yield part
+
+    def n_groups(self) -> int:
+        with self._lock:
+            return 0 if self._stats is None else len(self._stats)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._stats = None
+            self._offsets.clear()
+            self._models.clear()
+            self._model_seq = 0
+            self._model_current = None
+            self._fence = None
+            self._d = None if self.columns is None else len(self.columns)
+
+    # -- models -----------------------------------------------------------------------------
+
+    def put_model(self, record: bytes | str, fence: int | None = None) -> int:
+        """Store a model record as a new version and make it current (see RedisStore)."""
+        data = record.encode("utf-8") if isinstance(record, str) else bytes(record)
+        with self._lock:
+            if fence is not None:
+                if self._fence is not None and self._fence > fence:
+                    raise StaleFenceError(f"token {fence} is older than {self._fence}")
+                self._fence = int(fence)
+            self._model_seq += 1
+            version = self._model_seq
+            self._models[version] = data
+            self._model_current = version
+            for old in sorted(self._models)[: max(0, len(self._models) - self.model_history)]:
+                del self._models[old]
+            return version
+
+    def get_model(self, version: int | None = None) -> bytes | None:
+        with self._lock:
+            version = self._model_current if version is None else version
+            return None if version is None else self._models.get(int(version))
+
+    def model_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._models)
+
+    def current_model_version(self) -> int | None:
+        with self._lock:
+            return self._model_current
+
+    def set_current(self, version: int) -> None:
+        with self._lock:
+            if int(version) not in self._models:
+                raise StoreError(f"model version {version} is not stored")
+            self._model_current = int(version)
+
+    # -- snapshots --------------------------------------------------------------------------
+
+    def snapshot(self, path: str | os.PathLike[str]) -> Path:
+        """Write everything to ``path`` atomically (temporary file, fsync, rename)."""
+        path = Path(path)
+        with self._lock:
+            arrays = self._arrays()
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(buffer.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+    save = snapshot  # the name streamlme.stream.app uses
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        stats = self._stats
+        keys = stats.keys if stats is not None else []
+        records = b"".join(stats.to_bytes()) if stats is not None and len(stats) else b""
+        topics = [t for t, _ in self._offsets]
+        versions = sorted(self._models)
+        header = {
+            "version": SNAPSHOT_VERSION,
+            "d": self._d,
+            "columns": list(self.columns) if self.columns is not None else None,
+            "model_seq": self._model_seq,
+            "model_current": self._model_current,
+            "fence": self._fence,
+        }
+        return {
+            "header": _blob(json.dumps(header).encode()),
+            **_strings("keys", keys),
+            "records": _blob(records),
+            "record_count": np.array([len(keys)], dtype=np.int64),
+            **_strings("topics", topics),
+            "partitions": np.array([p for _, p in self._offsets], dtype=np.int64),
+            "offsets": np.array(list(self._offsets.values()), dtype=np.int64),
+            "model_versions": np.array(versions, dtype=np.int64),
+            **_strings("models", [self._models[v] for v in versions]),
+        }
+
+    def _restore(self, path: Path) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                header = json.loads(z["header"].tobytes())
+                if header.get("version") != SNAPSHOT_VERSION:
+                    raise StoreError(
+                        f"{path} is snapshot version {header.get('version')}; this build reads "
+                        f"{SNAPSHOT_VERSION}"
+                    )
+                keys = [k.decode("utf-8") for k in _unstrings(z, "keys")]
+                records = z["records"].tobytes()
+                topics = [t.decode("utf-8") for t in _unstrings(z, "topics")]
+                partitions, offsets = z["partitions"].tolist(), z["offsets"].tolist()
+                versions = z["model_versions"].tolist()
+                models = _unstrings(z, "models")
+        except (OSError, KeyError, ValueError) as e:
+            raise StoreError(f"{path} is not a readable MemoryStore snapshot: {e}") from e
+        snap_cols = header.get("columns")
+        if self.columns is not None and snap_cols is not None and list(self.columns) != snap_cols:
+            raise StoreError(f"{path} holds columns {snap_cols}, not {list(self.columns)}")
+        d = header.get("d")
+        if self._d is not None and d is not None and d != self._d:
+            raise StoreError(f"{path} holds statistics of {d} columns, not {self._d}")
+        if keys:
+            size = len(records) // len(keys)
+            n, t, m, C = unpack_many([records[i * size : (i + 1) * size]
+                                      for i in range(len(keys))])
+            self._stats = GroupStats(keys, n, m, C, t)
+        self._d = d if d is not None else self._d
+        if self.columns is None and snap_cols is not None:
+            self.columns = tuple(snap_cols)
+        self._offsets = dict(zip(zip(topics, partitions, strict=True), offsets, strict=True))
+        self._models = dict(zip(versions, models, strict=True))
+        self._model_seq = header.get("model_seq", 0)
+        self._model_current = header.get("model_current")
+        self._fence = header.get("fence")
+
+
+def _blob(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def _strings(name: str, items: Sequence[str | bytes]) -> dict[str, np.ndarray]:
+    """Variable-length strings as one byte blob plus lengths (no pickling, no fixed width)."""
+    raw = [s.encode("utf-8") if isinstance(s, str) else s for s in items]
+    return {
+        f"{name}_blob": _blob(b"".join(raw)),
+        f"{name}_len": np.array([len(s) for s in raw], dtype=np.int64),
+    }
+
+
+def _unstrings(z: Mapping[str, np.ndarray], name: str) -> list[bytes]:
+    blob = z[f"{name}_blob"].tobytes()
+    ends = np.cumsum(z[f"{name}_len"]).tolist()
+    return [blob[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]

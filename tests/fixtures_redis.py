@@ -1,0 +1,188 @@
+"""Redis for the tests: a real server, never a mock (pytest plugin, loaded by conftest.py).
+
+``redis_url`` picks, in order: ``STREAMLME_REDIS`` from the environment; a server answering at
+127.0.0.1:6379; a testcontainers Redis if a Docker engine answers; else a ``redis-server`` this
+session starts on a free port. Tests never FLUSHALL/FLUSHDB a server they did not start: each
+test works under its own ``namespace`` and only that namespace's keys are deleted afterwards.
+
+``redis_server_factory`` starts private servers (e.g. with an append-only file) that a test may
+stop and restart on the same port and directory, to exercise crashes and reconnects.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+DEFAULT_URL = "redis://127.0.0.1:6379/0"
+
+
+def _answers(url: str, timeout: float = 0.5) -> bool:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A ``redis-server`` process this test session owns, restartable on its port and dir."""
+
+    def __init__(self, directory: Path, options: dict[str, str] | None = None) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.options = {"save": "", "appendonly": "no", **(options or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start (or restart) the server; data in its directory (AOF/RDB) comes back."""
+        if self.process is not None and self.process.poll() is None:
+            return self
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.dir), "--logfile", str(self.dir / "redis.log")]
+        for key, value in self.options.items():
+            args += [f"--{key}", value]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while not _answers(self.url, timeout=0.2):
+            if self.process.poll() is not None:
+                log = (self.dir / "redis.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"redis-server exited with {self.process.returncode}: {log}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not answer in {timeout}s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, kill: bool = False, timeout: float = 10.0) -> None:
+        """SIGTERM (or SIGKILL with ``kill``) and wait; SIGKILL if SIGTERM is not enough."""
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _start_container() -> Any:
+    """A started testcontainers Redis, or None without testcontainers or a Docker engine."""
+    try:
+        from testcontainers.redis import RedisContainer
+
+        return RedisContainer().start()
+    except Exception:  # ImportError, or docker's errors when no engine answers
+        return None
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a Redis the whole session shares (see the module docstring for the order)."""
+    env = os.environ.get("STREAMLME_REDIS")
+    if env:
+        if not _answers(env, timeout=2.0):
+            pytest.fail(f"STREAMLME_REDIS={env} does not answer PING")
+        yield env
+        return
+    if _answers(DEFAULT_URL):
+        yield DEFAULT_URL
+        return
+    container = _start_container()
+    if container is not None:
+        try:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+            yield f"redis://{host}:{port}/0"
+        finally:
+            container.stop()
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis-session")).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def delete_namespace(url: str, namespace: str) -> int:
+    """UNLINK every key whose hash tag starts with ``namespace`` (SCAN MATCH, in batches)."""
+    client = redis.Redis.from_url(url)
+    pattern = "{" + "".join("\\" + c if c in "*?[]\\" else c for c in namespace) + "*"
+    deleted = 0
+    try:
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=pattern, count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                deleted += client.unlink(*batch)
+                batch.clear()
+        if batch:
+            deleted += client.unlink(*batch)
+    finally:
+        client.close()
+    return deleted
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace; afterwards its keys (and those of ``<namespace>-...``) are deleted."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    yield ns
+    if "redis_url" in request.fixturenames:
+        delete_namespace(request.getfixturevalue("redis_url"), ns)
+
+
+class RedisServerFactory:
+    """Starts private Redis servers; all of them are stopped when the test ends."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.servers: list[RedisServer] = []
+
+    def __call__(self, **options: str) -> RedisServer:
+        """A started server; options are redis.conf settings, e.g. ``appendonly="yes"``."""
+        server = RedisServer(self.base / f"redis-{len(self.servers)}", options)
+        self.servers.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for server in self.servers:
+            server.stop(kill=True)
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path: Path) -> Iterator[RedisServerFactory]:
+    factory = RedisServerFactory(tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.stop_all()
