@@ -70,7 +70,7 @@ def dense_criterion(d: Data, beta: np.ndarray, G: np.ndarray, sigma2: float, rem
         Zj, Xj = d.Z[rows], d.X[rows]
         V = Zj @ G @ Zj.T + sigma2 * np.eye(rows.sum())
         r = d.y[rows] - Xj @ beta
-        sign, logdet = np.linalg.slogdet(V)
+        _sign, logdet = np.linalg.slogdet(V)
         total += logdet + r @ np.linalg.solve(V, r)
         XtVinvX += Xj.T @ np.linalg.solve(V, Xj)
     if reml:

@@ -134,7 +134,7 @@ def test_bytes_round_trip(r) -> None:
     back = GroupStats.from_bytes(s.keys, s.to_bytes())
     assert_same(s, back, rtol=0)
     assert s.to_bytes()[0] == s.to_bytes_one(0)
-    n, m, C, t = GroupStats.from_bytes_one(s.to_bytes_one(0))
+    n, m, _C, _t = GroupStats.from_bytes_one(s.to_bytes_one(0))
     assert n == s.n[0] and (m == s.mean[0]).all()
 
 

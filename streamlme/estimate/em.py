@@ -55,7 +55,7 @@ def fit_em(
     spec: ModelSpec,
     *,
     start: FitResult | Mapping[str, Any] | None = None,
-    tol: float = 1e-10,
+    tol: float | None = 1e-10,
     param_tol: float | None = None,
     max_iter: int = 10_000,
     callback: Callback | None = None,
@@ -63,8 +63,8 @@ def fit_em(
 ) -> FitResult:
     """Maximum-likelihood fit by EM.
 
-    Stops when the deviance changes by less than ``tol`` (relative), or every parameter by less
-    than ``param_tol`` (relative, if given), or after ``max_iter`` iterations, or when
+    Stops when the deviance changes by less than ``tol`` (relative; None turns this rule off),
+    or every parameter by less than ``param_tol`` (relative, if given), or after ``max_iter`` iterations, or when
     ``callback(state)`` returns True.
     """
     cp = cross_products(stats, spec)
@@ -81,7 +81,7 @@ def fit_em(
         if callback is not None and callback(EMState(it, beta, G, sigma2, dev)):
             converged, message = True, "stopped by callback"
             break
-        if abs(dev_old - dev) <= tol * max(abs(dev), 1.0):
+        if tol is not None and abs(dev_old - dev) <= tol * max(abs(dev), 1.0):
             converged, message = True, "deviance change below tol"
             break
         if param_tol is not None and param_change <= param_tol:
