@@ -64,8 +64,8 @@ def fit_em(
     """Maximum-likelihood fit by EM.
 
     Stops when the deviance changes by less than ``tol`` (relative; None turns this rule off),
-    or every parameter by less than ``param_tol`` (relative, if given), or after ``max_iter`` iterations, or when
-    ``callback(state)`` returns True.
+    or every parameter by less than ``param_tol`` (relative, if given), or after ``max_iter``
+    iterations, or when ``callback(state)`` returns True.
     """
     cp = cross_products(stats, spec)
     t0 = time.perf_counter()
