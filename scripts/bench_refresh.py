@@ -60,13 +60,16 @@ TOL_MIXEDLM_RS = 1e-4
 TOL_STATSMODELS = 1e-2
 
 
-def generate(G: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """codes (N,), X (N, 5) with an intercept column, y (N,): unequal groups, mean size 10."""
+def generate(G: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """codes (N,), X (N, 5) with an intercept column, y (N,), and the groups' effects b (G, 2).
+
+    Unequal groups of mean size 10: 1 + negative binomial, sd about 6.7, sizes 1 to about 60.
+    """
     rng = np.random.default_rng(seed)
-    # 1 + negative binomial: mean 10, sd about 6.7, sizes from 1 to about 50
     sizes = 1 + rng.negative_binomial(2, 2 / (2 + EVENTS_PER_GROUP - 1), size=G)
     codes = np.repeat(np.arange(G), sizes)
-    return (codes, *_rows(rng, codes, rng.multivariate_normal(np.zeros(2), G_COV, size=G)))
+    b = rng.multivariate_normal(np.zeros(2), G_COV, size=G)
+    return (codes, *_rows(rng, codes, b), b)
 
 
 def _rows(rng: np.random.Generator, codes: np.ndarray, b: np.ndarray):
@@ -117,7 +120,7 @@ def run_size(G: int, args: argparse.Namespace, sm_state: dict[str, Any]) -> dict
     spec = ModelSpec(response="y", fixed=["1", "x1", "x2", "x3", "x4"], random=["1", "x1"],
                      group="g")
     repeats = args.repeats if G <= 100_000 else 1
-    codes, X, y = generate(G, seed=G)
+    codes, X, y, b = generate(G, seed=G)
     keys = [f"g{i}" for i in range(G)]
     W = np.column_stack([X[:, 1:], y])
 
@@ -127,11 +130,10 @@ def run_size(G: int, args: argparse.Namespace, sm_state: dict[str, Any]) -> dict
     # (b) cold REML fit
     cold_fit_s, cold = median_time(lambda: fit(stats, spec, "REML", ranef=False), repeats)
 
-    # (c) 1% more events in random groups, merged; then a warm refit
+    # (c) 1% more events in random groups (same group effects), merged; then a warm refit
     rng = np.random.default_rng(G + 1)
     new_codes = np.sort(rng.integers(0, G, size=max(len(codes) // 100, 1)))
-    b_new = rng.multivariate_normal(np.zeros(2), G_COV, size=G)  # only its rows at new_codes matter
-    Xn, yn = _rows(rng, new_codes, b_new)
+    Xn, yn = _rows(rng, new_codes, b)
     touched, inv = np.unique(new_codes, return_inverse=True)
     delta = GroupStats.from_codes(inv, [keys[i] for i in touched], np.column_stack([Xn[:, 1:], yn]))
     merge_s, merged = median_time(lambda: stats.copy().merge(delta), repeats)

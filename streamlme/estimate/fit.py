@@ -69,7 +69,7 @@ def fit(
     t0 = time.perf_counter()
     theta, info = minimise_deviance(cp, par, theta0, reml, tol, max_iter)
     theta, info = _escape_boundary(cp, par, theta, info, reml, tol, max_iter)
-    st = evaluate(cp, par.lam(theta), reml)
+    st = info.pop("state")
     res = _result(cp, par, st, spec, method, theta, info, ranef)
     res.optsummary.seconds = time.perf_counter() - t0
     res.optsummary.warm_start = start is not None
@@ -80,32 +80,49 @@ def fit(
 def minimise_deviance(
     cp: CrossProducts, par: Parametrisation, theta0: Array, reml: bool, tol: float, max_iter: int
 ) -> tuple[Array, dict[str, Any]]:
-    """theta minimising the profiled (RE)ML deviance, and what the optimiser said."""
+    """theta minimising the profiled (RE)ML deviance, and what the optimiser said.
+
+    ``info["state"]`` is the `PLSState` at the returned theta.
+    """
     scale = [1.0]
-    n_evals = [0]
+    # Each evaluation is a pass over all groups: never repeat one (L-BFGS-B asks again for its
+    # start, and we ask again for its answer).
+    seen: dict[bytes, tuple[float, Array, PLSState | None]] = {}
+
+    def state_at(theta: Array) -> tuple[float, Array, PLSState | None]:
+        key = np.asarray(theta, dtype=float).tobytes()
+        if key not in seen:
+            try:
+                st = evaluate(cp, par.lam(theta), reml)
+                seen[key] = (st.deviance, par.grad(gradient(cp, st)), st)
+            except NumericalError:
+                seen[key] = (np.inf, np.zeros_like(theta), None)
+            # keep the factors of the latest point only: they are G x q x (p + q) floats
+            for k in [k for k, v in seen.items() if v[2] is not None and k != key]:
+                seen[k] = (seen[k][0], seen[k][1], None)
+        return seen[key]
 
     def fun(theta: Array) -> tuple[float, Array]:
-        n_evals[0] += 1
-        try:
-            st = evaluate(cp, par.lam(theta), reml)
-        except NumericalError:
-            return np.inf, np.zeros_like(theta)
-        return st.deviance / scale[0], par.grad(gradient(cp, st)) / scale[0]
+        f, g, _ = state_at(theta)
+        return f / scale[0], g / scale[0]
 
     # Deviances grow with N; scale so the optimiser's tolerances read as relative ones.
-    d0, _ = fun(theta0)
+    d0 = state_at(theta0)[0]
     scale[0] = max(abs(d0), 1.0) if np.isfinite(d0) else 1.0
     opt = minimize(
         fun, theta0, jac=True, method="L-BFGS-B", bounds=par.bounds,
         options={"maxiter": max_iter, "ftol": tol * 1e-3, "gtol": tol, "maxcor": 20},
     )
     theta = np.asarray(opt.x, dtype=float)
-    g = fun(theta)[1]
+    _, g, st = state_at(theta)
+    if st is None:
+        st = evaluate(cp, par.lam(theta), reml)
+    g = g / scale[0]
     free = ~((theta <= par.lower + 1e-12) & (g > 0))
     gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
     converged = bool(opt.success) or gnorm < np.sqrt(tol)
-    info = {"n_evals": n_evals[0], "iterations": int(opt.nit), "converged": converged,
-            "message": str(opt.message), "gradient_norm": gnorm * scale[0]}
+    info = {"n_evals": len(seen), "iterations": int(opt.nit), "converged": converged,
+            "message": str(opt.message), "gradient_norm": gnorm * scale[0], "state": st}
     return theta, info
 
 

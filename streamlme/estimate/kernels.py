@@ -148,16 +148,6 @@ def _gradient_numpy(
 
 if numba is not None:
 
-    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
-    def _log_product(prod, f, acc):
-        # log|L| as a running product, its log taken only when large: every diagonal element of
-        # L_j is >= 1 in exact arithmetic (P_j >= I), so the product cannot underflow, and one
-        # log per many groups replaces one per element. NaN or 0 propagate to the result.
-        if f > 1e100 or prod > 1e150:
-            acc[0] += np.log(prod)
-            prod = 1.0
-        return prod * f
-
     @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _deviance_numba(ZtZ, ZtXy, Lam):
         G, q, m = ZtXy.shape
@@ -166,8 +156,7 @@ if numba is not None:
         SS, blk = np.zeros((m, m)), np.zeros((m, m))
         M = np.empty((q, q))
         B = np.empty((q, m))
-        acc = np.zeros(1)
-        prod = 1.0
+        logdet, prod = 0.0, 1.0
         for g in range(G):
             # M = Z'Z Lam, then P = Lam'M + I, factored in place into L[g]
             for a in range(q):
@@ -187,7 +176,13 @@ if numba is not None:
                         L[g, k, k] = np.sqrt(s)
                     else:
                         L[g, i, k] = s / L[g, k, k]
-                prod = _log_product(prod, L[g, k, k], acc)
+                # log|L_j| as a running product whose log is taken only when it grows large:
+                # each L_j[k, k] >= 1 in exact arithmetic (P_j >= I), so it cannot underflow, and
+                # one log per many groups replaces one per element. NaN and 0 reach the result.
+                if prod > 1e150:
+                    logdet += np.log(prod)
+                    prod = 1.0
+                prod *= L[g, k, k]
             # RZXy = L^-1 Lam' Z'[X y]
             for i in range(q):
                 for c in range(m):
@@ -215,7 +210,7 @@ if numba is not None:
         for c in range(m):
             for d in range(c):
                 SS[c, d] = SS[d, c]
-        return L, RZXy, SS, 2.0 * (acc[0] + np.log(prod))
+        return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _gradient_numba(ZtZ, ZtXy, L, RZXy, Lam, beta, R_X, reml):
@@ -320,22 +315,28 @@ if numba is not None:
         RZXy = np.empty((G, 2, m))
         SS, blk = np.zeros((m, m)), np.zeros((m, m))
         l00, l01, l10, l11 = Lam[0, 0], Lam[0, 1], Lam[1, 0], Lam[1, 1]
-        acc = np.zeros(1)
-        prod = 1.0
+        logdet, prod = 0.0, 1.0
         for g in range(G):
             z00, z01, z10, z11 = ZtZ[g, 0, 0], ZtZ[g, 0, 1], ZtZ[g, 1, 0], ZtZ[g, 1, 1]
             m00, m01 = z00 * l00 + z01 * l10, z00 * l01 + z01 * l11
             m10, m11 = z10 * l00 + z11 * l10, z10 * l01 + z11 * l11
+            # divisions become products with reciprocals: a divide costs several multiplies
             a = np.sqrt(1.0 + (l00 * m00 + l10 * m10))
-            c = (l01 * m00 + l11 * m10) / a
+            ia = 1.0 / a
+            c = (l01 * m00 + l11 * m10) * ia
             d = np.sqrt(1.0 + (l01 * m01 + l11 * m11) - c * c)
+            id_ = 1.0 / d
             L[g, 0, 0], L[g, 0, 1], L[g, 1, 0], L[g, 1, 1] = a, 0.0, c, d
-            prod = _log_product(_log_product(prod, a, acc), d, acc)
+            f = a * d
+            if f > 1e100 or prod > 1e150:  # see _deviance_numba
+                logdet += np.log(prod)
+                prod = 1.0
+            prod *= f
             for k in range(m):
                 x0, x1 = ZtXy[g, 0, k], ZtXy[g, 1, k]
-                r0 = (l00 * x0 + l10 * x1) / a
+                r0 = (l00 * x0 + l10 * x1) * ia
                 RZXy[g, 0, k] = r0
-                RZXy[g, 1, k] = ((l01 * x0 + l11 * x1) - c * r0) / d
+                RZXy[g, 1, k] = ((l01 * x0 + l11 * x1) - c * r0) * id_
             for k in range(m):
                 r0, r1 = RZXy[g, 0, k], RZXy[g, 1, k]
                 for j in range(k, m):
@@ -348,7 +349,7 @@ if numba is not None:
         for k in range(m):
             for j in range(k):
                 SS[k, j] = SS[j, k]
-        return L, RZXy, SS, 2.0 * (acc[0] + np.log(prod))
+        return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _gradient_q2(ZtZ, ZtXy, L, RZXy, Lam, beta, R_X, reml):
@@ -358,9 +359,14 @@ if numba is not None:
         blk = np.zeros(11)
         l00, l01, l10, l11 = Lam[0, 0], Lam[0, 1], Lam[1, 0], Lam[1, 1]
         K0, K1 = np.empty(p), np.empty(p)
+        R_inv_diag = np.empty(p)
+        if reml:
+            for k in range(p):
+                R_inv_diag[k] = 1.0 / R_X[k, k]
         for g in range(G):
             z00, z01, z10, z11 = ZtZ[g, 0, 0], ZtZ[g, 0, 1], ZtZ[g, 1, 0], ZtZ[g, 1, 1]
             a, c, d = L[g, 0, 0], L[g, 1, 0], L[g, 1, 1]
+            ia, id_ = 1.0 / a, 1.0 / d
             # u = L^-T (c_u - R_ZX beta), b = Lam u, Z'e = Z'y - Z'X beta - Z'Z b
             h0, h1 = RZXy[g, 0, p], RZXy[g, 1, p]
             e0, e1 = ZtXy[g, 0, p], ZtXy[g, 1, p]
@@ -369,8 +375,8 @@ if numba is not None:
                 h1 -= RZXy[g, 1, k] * beta[k]
                 e0 -= ZtXy[g, 0, k] * beta[k]
                 e1 -= ZtXy[g, 1, k] * beta[k]
-            u1 = h1 / d
-            u0 = (h0 - c * u1) / a
+            u1 = h1 * id_
+            u0 = (h0 - c * u1) * ia
             b0, b1 = l00 * u0 + l01 * u1, l10 * u0 + l11 * u1
             e0 -= z00 * b0 + z01 * b1
             e1 -= z10 * b0 + z11 * b1
@@ -379,14 +385,14 @@ if numba is not None:
             blk[6] += e1 * u0
             blk[7] += e1 * u1
             # W = P^-1 Lam' column by column (two triangular solves), then sum Z'Z W'
-            v0 = l00 / a
-            v1 = (l01 - c * v0) / d
-            w10 = v1 / d
-            w00 = (v0 - c * w10) / a
-            v0 = l10 / a
-            v1 = (l11 - c * v0) / d
-            w11 = v1 / d
-            w01 = (v0 - c * w11) / a
+            v0 = l00 * ia
+            v1 = (l01 - c * v0) * id_
+            w10 = v1 * id_
+            w00 = (v0 - c * w10) * ia
+            v0 = l10 * ia
+            v1 = (l11 - c * v0) * id_
+            w11 = v1 * id_
+            w01 = (v0 - c * w11) * ia
             blk[0] += z00 * w00 + z01 * w01
             blk[1] += z00 * w10 + z01 * w11
             blk[2] += z10 * w00 + z11 * w01
@@ -394,16 +400,16 @@ if numba is not None:
             if reml:
                 # Q = Z'X - Z'Z Lam L^-T R_ZX, then K = Q R_X^-1 row by row
                 for k in range(p):
-                    v1 = RZXy[g, 1, k] / d
-                    v0 = (RZXy[g, 0, k] - c * v1) / a
+                    v1 = RZXy[g, 1, k] * id_
+                    v0 = (RZXy[g, 0, k] - c * v1) * ia
                     s0, s1 = l00 * v0 + l01 * v1, l10 * v0 + l11 * v1
                     t0 = ZtXy[g, 0, k] - (z00 * s0 + z01 * s1)
                     t1 = ZtXy[g, 1, k] - (z10 * s0 + z11 * s1)
                     for j in range(k):
                         t0 -= K0[j] * R_X[j, k]
                         t1 -= K1[j] * R_X[j, k]
-                    K0[k] = t0 / R_X[k, k]
-                    K1[k] = t1 / R_X[k, k]
+                    K0[k] = t0 * R_inv_diag[k]
+                    K1[k] = t1 * R_inv_diag[k]
                     blk[8] += K0[k] * K0[k]
                     blk[9] += K0[k] * K1[k]
                     blk[10] += K1[k] * K1[k]
