@@ -46,15 +46,14 @@ def make_store(config: Config) -> StateStore:
                           columns=spec.columns)
     from streamlme.store.memory import MemoryStore
 
-    snapshot = config.store.snapshot
-    return MemoryStore(snapshot if snapshot and os.path.exists(snapshot) else None)
+    return MemoryStore(config.store.snapshot, d=len(spec.columns), columns=spec.columns)
 
 
 def close_store(config: Config, store: StateStore) -> None:
     """Write the MemoryStore's snapshot, if one is configured; close connections."""
     snapshot = config.store.snapshot
     if config.redis is None and snapshot:
-        store.save(snapshot)  # type: ignore[attr-defined]
+        store.snapshot(snapshot)  # type: ignore[attr-defined]
         log.info("snapshot written to %s", snapshot)
     client = getattr(store, "client", None)
     if client is not None:
