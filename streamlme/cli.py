@@ -72,6 +72,81 @@ def fit(data: str, response: str, fixed: str, random_: str, group: str, covarian
         sys.exit(1)
 
 
+def _load(config_path: str):  # -> Config
+    from streamlme.config import ConfigError, load_config
+
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@main.group()
+def config() -> None:
+    """Configuration files."""
+
+
+@config.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def config_check(path: str) -> None:
+    """Validate a TOML configuration; exit 2 naming every problem."""
+    from streamlme.config import check_config_file
+
+    ok, message = check_config_file(path)
+    click.echo(message, err=not ok)
+    sys.exit(0 if ok else 2)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML configuration.")
+@click.option("--max-events", type=int, default=None, help="Stop after this many events.")
+@click.option("--until-idle", type=float, default=None,
+              help="Stop after this many seconds without events.")
+@click.option("--input", "input_path", default=None,
+              help="Read JSON lines from this file (- for stdin) instead of Kafka.")
+def consume(config_path: str, max_events: int | None, until_idle: float | None,
+            input_path: str | None) -> None:
+    """Fold events from Kafka (or JSON lines) into the per-group statistics; prints a JSON report."""
+    from streamlme.config import ConfigError
+    from streamlme.stream.app import run_consume
+
+    cfg = _load(config_path)
+    _logging()
+    if cfg.kafka is None and input_path is None:
+        input_path = "-"
+    try:
+        report = run_consume(cfg, max_events, until_idle, input_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit_json(report.to_dict())
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def publish(path: str, config_path: str, no_progress: bool) -> None:
+    """Send the rows of a CSV / JSON-lines file to the topic, keyed by group."""
+    from streamlme.config import ConfigError
+    from streamlme.stream.app import run_publish
+
+    cfg = _load(config_path)
+    try:
+        count = run_publish(cfg, path, progress=not no_progress)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    emit_json({"published": count})
+
+
 @main.command()
 @click.option("--groups", type=int, default=200, show_default=True)
 @click.option("--events", type=int, default=100_000, show_default=True)
