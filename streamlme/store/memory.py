@@ -350,4 +350,4 @@ def _strings(name: str, items: Sequence[str | bytes]) -> dict[str, np.ndarray]:
 def _unstrings(z: Mapping[str, np.ndarray], name: str) -> list[bytes]:
     blob = z[f"{name}_blob"].tobytes()
     ends = np.cumsum(z[f"{name}_len"]).tolist()
-    return [blob[a:b] for a, b in zip([0, *ends[:-1]], ends, strict=True)]
+    return [blob[a:b] for a, b in zip([0, *ends][:-1], ends, strict=True)]

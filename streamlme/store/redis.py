@@ -57,7 +57,7 @@ def _lua(name: str) -> str:
     return files("streamlme.store").joinpath(name).read_text(encoding="utf-8")
 
 
-def records(stats: GroupStats) -> bytes:
+def _records(stats: GroupStats) -> bytes:
     """All groups of ``stats`` as one concatenation of their byte records."""
     return b"".join(stats.to_bytes()) if len(stats) else b""
 
@@ -175,8 +175,8 @@ class RedisStore:
             "" if half_life is None else repr(float(half_life)),
             len(adds),
             len(r_keys),
-            records(adds),
-            records(retracts) if retracts is not None else b"",
+            _records(adds),
+            _records(retracts) if retracts is not None else b"",
             self._columns_json(),
             self._prefix_len,
         ]
