@@ -124,3 +124,17 @@ def test_unknown_backend_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STREAMLME_KERNELS", "fortran")
     with pytest.raises(ValueError, match="STREAMLME_KERNELS"):
         kernels.backend()
+
+
+def test_warm_refit_is_cheap_and_lands_on_the_cold_optimum() -> None:
+    stats, spec = _stats(2000, 2, seed=5)
+    first = fit(stats, spec, "REML", ranef=False)
+    more, _ = _stats(300, 2, seed=6)  # 300 groups' worth of new events, same group keys g0..g299
+    stats.merge(more)
+    cold = fit(stats, spec, "REML", ranef=False)
+    warm = fit(stats, spec, "REML", ranef=False, start=first)
+    assert warm.optsummary.n_evals < cold.optsummary.n_evals
+    assert warm.optsummary.n_evals <= 10
+    assert warm.criterion == pytest.approx(cold.criterion, rel=1e-12)
+    np.testing.assert_allclose(warm.G, cold.G, rtol=1e-5)
+    np.testing.assert_allclose(warm.beta, cold.beta, rtol=1e-7)
