@@ -1,7 +1,8 @@
 -- Apply one micro-batch of per-group deltas and record its Kafka offsets, all or nothing.
 --
 -- The arithmetic mirrors streamlme.stats (merge_moments, retract_moments, GroupStats.decay_to)
--- operation for operation, so results equal the Python merge to the last bit or so.
+-- operation for operation, so results equal the Python merge bit for bit (with decay, Lua's
+-- 2^x may differ from numpy.exp2 in the last bit).
 -- Values are streamlme.stats byte records: 4-byte header ("SL", format version, d), then
 -- little-endian float64 n, t, mean[d], upper triangle of C (row-major), as struct '<d...'.
 --

@@ -14,6 +14,8 @@ key                            type    value
 ``{ns}:model:seq``             string  last model version issued (INCR)
 ``{ns}:model:current``         string  the version queries use
 ``{ns}:model:fence``           string  highest fencing token a model writer has shown
+``{ns}:lease``                 string  refresh leader: ``owner|token``, expires (PX ttl)
+``{ns}:lease:seq``             string  last lease token issued (INCR)
 =============================  ======  =========================================================
 
 Group ids are percent-encoded (`streamlme.store.keys.encode_group`). The registry is a sorted
@@ -156,7 +158,13 @@ class RedisStore:
         offsets: Mapping[TopicPartition, OffsetRange] | None = None,
         half_life: float | None = None,
     ) -> MergeResult:
-        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets``: one script."""
+        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets``: one script.
+
+        With ``half_life``, each added group's stored mass and its delta are aged to the later
+        of their times before merging (as `GroupStats.merge`); retractions are not aged.
+        Raises StoreError (changing nothing) if the batch's width or columns differ from what
+        the namespace holds or a stored value is corrupt; redis-py's errors pass through.
+        """
         retracts = retracts if retracts is not None and len(retracts) else None
         width = adds.d if len(adds) else (retracts.d if retracts is not None else self._d)
         if retracts is not None and len(adds) and retracts.d != adds.d:
@@ -264,15 +272,22 @@ class RedisStore:
 
     def _model_keys(self) -> list[str]:
         k = self.keys
-        return [k.models, k.model_seq, k.model_current, k.model_fence]
+        return [k.models, k.model_seq, k.model_current, k.model_fence,
+                f"{k.tag}:lease", f"{k.tag}:lease:seq"]
 
-    def put_model(self, record: bytes | str, fence: int | None = None) -> int:
+    def put_model(self, record: bytes | str, fence: int | None = None,
+                  keep: int | None = None) -> int:
         """Store a model record as a new version, make it current, return its version.
 
-        ``fence`` is the writer's fencing token (its lease number): a put with a token smaller
-        than one already used raises StaleFenceError and stores nothing.
+        ``fence`` is the writer's lease token (`acquire_lease`): the put raises StaleFenceError
+        and stores nothing unless the lease is held with that token right now and no larger
+        token was used before. (In a namespace where no lease was ever issued, tokens are only
+        checked to grow.) ``keep`` versions are kept (default ``model_history``).
         """
-        args = ["put", record, "" if fence is None else int(fence), self.model_history]
+        keep = self.model_history if keep is None else keep
+        if keep < 1:
+            raise StoreError(f"keep must be at least 1, got {keep}")
+        args = ["put", record, "" if fence is None else int(fence), keep]
         try:
             return int(self._models(keys=self._model_keys(), args=args))
         except ResponseError as e:
@@ -299,6 +314,40 @@ class RedisStore:
         except ResponseError as e:
             _raise_refusal(e)
             raise
+
+    # -- the refresh leader's lease (see streamlme.lease) -------------------------------------
+
+    def acquire_lease(self, owner: str, ttl: float) -> int | None:
+        """Take the lease for ``ttl`` seconds if it is free (or already ``owner``'s): its token.
+
+        None if someone else holds it. Tokens grow with every acquisition.
+        """
+        reply = self._models(keys=self._model_keys(), args=["acquire", owner, _ms(ttl)])
+        return int(reply[1]) if reply[0] == 1 else None
+
+    def renew_lease(self, owner: str, token: int, ttl: float) -> bool:
+        """Extend the lease to ``ttl`` seconds from now if it is still ``owner``'s ``token``."""
+        args = ["renew", owner, int(token), _ms(ttl)]
+        return bool(self._models(keys=self._model_keys(), args=args))
+
+    def release_lease(self, owner: str, token: int) -> bool:
+        """Give the lease up if it is still ``owner``'s ``token``; False if it was not."""
+        args = ["release", owner, int(token)]
+        return bool(self._models(keys=self._model_keys(), args=args))
+
+    def lease_holder(self) -> tuple[str, int, float] | None:
+        """(owner, token, seconds left) of the lease, or None when it is free."""
+        reply = self._models(keys=self._model_keys(), args=["holder"])
+        if not reply:
+            return None
+        owner, _, token = reply[0].decode("utf-8").rpartition("|")
+        return owner, int(token), max(int(reply[1]), 0) / 1000.0
+
+
+def _ms(seconds: float) -> int:
+    if not seconds > 0:
+        raise StoreError(f"a lease needs a positive ttl, got {seconds}")
+    return max(1, round(seconds * 1000))
 
 
 def _raise_refusal(e: ResponseError) -> None:
