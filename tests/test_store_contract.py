@@ -91,7 +91,7 @@ def tp(partition: int, topic: str = "events") -> tuple[str, int]:
 # -- merging ----------------------------------------------------------------------------------
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 300),
     d=st.integers(1, 4),
