@@ -120,6 +120,7 @@ class GroupStats:
     t: Array
 
     def __post_init__(self) -> None:
+        self.keys = list(self.keys)  # owned: merging new groups extends it in place
         G = len(self.keys)
         self.n = np.asarray(self.n, dtype=float).reshape(G)
         d = np.asarray(self.mean).shape[-1]
@@ -259,15 +260,26 @@ class GroupStats:
             raise StatsError(f"cannot combine statistics of {self.d} and {other.d} columns")
         new = [k for k in other.keys if k not in self._index]
         if new:
-            G0 = len(self.keys)
-            self.keys = self.keys + new
-            self._index.update({k: G0 + i for i, k in enumerate(new)})
-            self.n = np.concatenate([self.n, np.zeros(len(new))])
-            self.mean = np.concatenate([self.mean, np.zeros((len(new), self.d))])
-            self.C = np.concatenate([self.C, np.zeros((len(new), self.d, self.d))])
-            self.t = np.concatenate([self.t, np.full(len(new), np.nan)])
+            self._grow(new)
         idx = np.array([self._index[k] for k in other.keys], dtype=np.intp)
         return idx, np.arange(len(other.keys))
+
+    def _grow(self, new: list[str]) -> None:
+        """Append empty rows for new groups; capacity doubles, so a long stream of batches that
+        each bring a few new groups costs amortised O(new), not O(all groups) per batch."""
+        G0, G1 = len(self.keys), len(self.keys) + len(new)
+        buf = getattr(self, "_buf", None)
+        if buf is None or buf[0].shape[0] < G1:
+            cap = max(G1, 2 * G0, 16)
+            grown = (np.zeros(cap), np.zeros((cap, self.d)), np.zeros((cap, self.d, self.d)),
+                     np.full(cap, np.nan))
+            for old, fresh in zip((self.n, self.mean, self.C, self.t), grown):
+                fresh[:G0] = old
+            buf = self._buf = grown
+        self.keys.extend(new)
+        self._index.update({k: G0 + i for i, k in enumerate(new)})
+        self.n, self.mean, self.C, self.t = (b[:G1] for b in buf)
+        self.n[G0:], self.mean[G0:], self.C[G0:], self.t[G0:] = 0.0, 0.0, 0.0, np.nan
 
     def decay_to(self, t: Array | float, half_life: float, idx: np.ndarray | None = None) -> None:
         """Age the mass of groups (all, or rows idx) to time t; earlier times never move back."""
