@@ -120,12 +120,12 @@ def _toml(value: object) -> str:
 
 
 def start_consumer(config: Path, *args: str, log_path: Path | None = None) -> subprocess.Popen:
-    """``python -m streamlme.stream consume --config FILE ...`` as a child process."""
+    """``streamlme consume --config FILE ...`` as a child process."""
     err = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1",
            "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "streamlme.stream", "consume", "--config", str(config), *args],
+        [sys.executable, "-m", "streamlme.cli", "consume", "--config", str(config), *args],
         stdout=subprocess.PIPE, stderr=err, env=env,
     )
 

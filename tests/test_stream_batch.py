@@ -102,7 +102,7 @@ def test_embedded_stdin_through_the_module_entry(tmp_path) -> None:
     cfg = write_config(tmp_path / "c.toml", ev.spec, snapshot=str(snapshot))
     with open(path, "rb") as stdin:
         out = subprocess.run(
-            [sys.executable, "-m", "streamlme.stream", "consume", "--config", str(cfg),
+            [sys.executable, "-m", "streamlme.cli", "consume", "--config", str(cfg),
              "--input", "-"],
             stdin=stdin, capture_output=True, cwd=REPO, timeout=120, check=True,
         )

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 import time
 import uuid
+import warnings
 
 import msgspec
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
@@ -25,6 +27,7 @@ from stream_helpers import (
 )
 
 from streamlme.config import load_config
+from streamlme.estimate import fit
 from streamlme.stream.app import make_ingestor, make_store, run_consume, run_publish
 from streamlme.stream.dlq import DeadLetterRecord
 from streamlme.stream.publish import send_events
@@ -63,24 +66,37 @@ def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) ->
 def test_streaming_equals_batch(tmp_path, kafka_bootstrap, kafka_topic, redis_url,
                                 namespace) -> None:
     """200,000 events for 5,000 groups through publish and consume: the statistics in Redis
-    equal the one-pass statistics of the same rows to 1e-10."""
+    equal the one-pass statistics of the same rows to 1e-10, and a REML fit on them equals
+    `streamlme fit` on the CSV."""
     ev = make_events(200_000, 5_000, seed=11)
     topic = kafka_topic(4)
     _, config = kafka_config(tmp_path, ev, kafka_bootstrap, topic, redis_url, namespace)
-    assert run_publish(config, ev.write_csv(tmp_path / "events.csv"), progress=False) == 200_000
+    csv_path = ev.write_csv(tmp_path / "events.csv")
+    assert run_publish(config, csv_path, progress=False) == 200_000
     report = run_consume(config, until_idle=2.0)
     assert report.events_read == report.events_applied == 200_000
     assert report.events_rejected == 0 and report.batches_refused == 0
     store = make_store(config)
     assert store.n_groups() == 5_000
-    assert_stats_equal(read_all(store), ev.batch_stats())
+    streamed = read_all(store)
+    assert_stats_equal(streamed, ev.batch_stats())
     assert sum(store.offsets(topic).values()) == 200_000
 
-
-def test_streaming_fit_equals_batch_fit() -> None:
-    """Placeholder for the lead: a REML fit on the streamed statistics equals `streamlme fit`
-    on the CSV (build the data with stream_helpers.make_events / Events.write_csv)."""
-    pytest.skip("added by the lead once the fit CLI lands")
+    spec = ev.spec
+    cli = subprocess.run(
+        [sys.executable, "-m", "streamlme.cli", "fit", str(csv_path), "--response", spec.response,
+         "--fixed", ",".join(spec.fixed), "--random", ",".join(spec.random), "--group", spec.group,
+         "--json", "--no-ranef"], capture_output=True, text=True, timeout=300, check=True)
+    batch = json.loads(cli.stdout)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        live = fit(streamed, spec, "REML", ranef=False)
+    assert live.converged and batch["converged"]
+    assert abs(live.criterion - batch["criterion"]) <= 1e-9 * abs(batch["criterion"])
+    np.testing.assert_allclose(live.beta, list(batch["beta"].values()), rtol=1e-7)
+    np.testing.assert_allclose(live.G, batch["G"], rtol=1e-6)
+    np.testing.assert_allclose(live.sigma2, batch["sigma2"], rtol=1e-7)
+    assert batch["n_obs"] == 200_000 and batch["n_groups"] == 5_000
 
 
 def test_rebalance_and_zombie(tmp_path, kafka_bootstrap, kafka_topic, redis_url,
