@@ -70,6 +70,8 @@ def fit(
     theta, info = minimise_deviance(cp, par, theta0, reml, tol, max_iter)
     theta, info = _escape_boundary(cp, par, theta, info, reml, tol, max_iter)
     st = info.pop("state")
+    if ranef and st.L is None:
+        st = evaluate(cp, par.lam(theta), reml)
     res = _result(cp, par, st, spec, method, theta, info, ranef)
     res.optsummary.seconds = time.perf_counter() - t0
     res.optsummary.warm_start = start is not None
@@ -82,7 +84,8 @@ def minimise_deviance(
 ) -> tuple[Array, dict[str, Any]]:
     """theta minimising the profiled (RE)ML deviance, and what the optimiser said.
 
-    ``info["state"]`` is the `PLSState` at the returned theta.
+    ``info["state"]`` is the `PLSState` at the returned theta, possibly without its per-group
+    factors (see `evaluate`).
     """
     scale = [1.0]
     # Each evaluation is a pass over all groups: never repeat one (L-BFGS-B asks again for its
@@ -93,11 +96,11 @@ def minimise_deviance(
         key = np.asarray(theta, dtype=float).tobytes()
         if key not in seen:
             try:
-                st = evaluate(cp, par.lam(theta), reml)
+                st = evaluate(cp, par.lam(theta), reml, factors=False)
                 seen[key] = (st.deviance, par.grad(gradient(cp, st)), st)
             except NumericalError:
                 seen[key] = (np.inf, np.zeros_like(theta), None)
-            # keep the factors of the latest point only: they are G x q x (p + q) floats
+            # keep the latest state only: a state may hold G x q x (p + q) floats of factors
             for k in [k for k, v in seen.items() if v[2] is not None and k != key]:
                 seen[k] = (seen[k][0], seen[k][1], None)
         return seen[key]

@@ -54,22 +54,27 @@ def backend() -> str:
 
 
 def deviance_pass(
-    ZtZ: Array, ZtXy: Array, Lam: Array, backend: str | None = None
-) -> tuple[Array, Array, Array, float]:
+    ZtZ: Array, ZtXy: Array, Lam: Array, backend: str | None = None, store: bool = True
+) -> tuple[Array | None, Array | None, Array, float]:
     """(L, RZXy, sum_j RZXy_j'RZXy_j, sum_j log|L_j|^2) at relative factor Lam.
 
     L (G, q, q) are the lower Cholesky factors of P_j = Lam'Z_j'Z_j Lam + I and
-    RZXy_j = L_j^-1 Lam'Z_j'[X_j y_j] (G, q, p + 1). A factor that is not positive definite shows
-    as a non-finite log-determinant.
+    RZXy_j = L_j^-1 Lam'Z_j'[X_j y_j] (G, q, p + 1); with ``store=False`` the compiled q <= 2
+    kernels skip writing them (they return None), which is all an optimiser step needs. A factor
+    that is not positive definite shows as a non-finite log-determinant.
     """
+    q = ZtZ.shape[1]
     if _use_numba(backend):
-        kernel = {1: _deviance_q1, 2: _deviance_q2}.get(ZtZ.shape[1], _deviance_numba)
-        return kernel(_c(ZtZ), _c(ZtXy), _c(Lam))
+        if q in (1, 2):
+            kernel = _deviance_q1 if q == 1 else _deviance_q2
+            L, RZXy, SS, logdet = kernel(_c(ZtZ), _c(ZtXy), _c(Lam), store)
+            return (L, RZXy, SS, logdet) if store else (None, None, SS, logdet)
+        return _deviance_numba(_c(ZtZ), _c(ZtXy), _c(Lam))
     return _deviance_numpy(ZtZ, ZtXy, Lam)
 
 
 def gradient_pass(
-    ZtZ: Array, ZtXy: Array, L: Array, RZXy: Array, Lam: Array, beta: Array,
+    ZtZ: Array, ZtXy: Array, L: Array | None, RZXy: Array | None, Lam: Array, beta: Array,
     R_X: Array | None, backend: str | None = None,
 ) -> tuple[Array, Array, Array]:
     """The gradient's three sums over groups, each q x q:
@@ -77,12 +82,20 @@ def gradient_pass(
     sum_j Z_j'Z_j Lam P_j^-1,   sum_j Z_j'e_j u_j',   sum_j K_j K_j' (K_j = Q_j R_X^-1)
 
     the last only for REML (``R_X`` given), else zeros; `pls.gradient` scales and combines them.
+    L and RZXy are `deviance_pass`'s at the same Lam, or None to have them recomputed.
     """
-    if _use_numba(backend):
-        reml = R_X is not None
+    q = ZtZ.shape[1]
+    numba_ = _use_numba(backend)
+    reml = R_X is not None
+    if numba_ and q in (1, 2):
+        kernel = _gradient_q1 if q == 1 else _gradient_q2
         R = _c(R_X) if reml else np.zeros((1, 1))
-        kernel = {1: _gradient_q1, 2: _gradient_q2}.get(ZtZ.shape[1], _gradient_numba)
-        return kernel(_c(ZtZ), _c(ZtXy), _c(L), _c(RZXy), _c(Lam), _c(beta), R, reml)
+        return kernel(_c(ZtZ), _c(ZtXy), _c(Lam), _c(beta), R, reml)
+    if L is None or RZXy is None:
+        L, RZXy, _, _ = deviance_pass(ZtZ, ZtXy, Lam, backend=backend)
+    if numba_:
+        R = _c(R_X) if reml else np.zeros((1, 1))
+        return _gradient_numba(_c(ZtZ), _c(ZtXy), _c(L), _c(RZXy), _c(Lam), _c(beta), R, reml)
     return _gradient_numpy(ZtZ, ZtXy, L, RZXy, Lam, beta, R_X)
 
 
@@ -311,30 +324,39 @@ if numba is not None:
                             blk[t, a, j] = 0.0
         return out[0], out[1], out[2]
 
-    # q = 1 (a random intercept only): scalars throughout, about 2x faster than the loops above.
+    # q = 1 and q = 2 (random intercept; intercept and slope: the common models) are written out
+    # in scalars, so a group's blocks stay in registers. Their gradient pass does not read L_j or
+    # RZXy_j back: it refactors P_j (a few flops) and uses u_j = W_j e_j, Q_j = Z'X_j - N_j Lam'Z'X_j
+    # with W_j = P_j^-1 Lam', N_j = Z'Z_j W_j', which are the module docstring's quantities
+    # rearranged; so the optimiser's deviance pass need not store the factors at all, and a pass
+    # streams Z'Z and Z'[X y] (16 floats a group for p = 5) from memory and nothing else.
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
-    def _deviance_q1(ZtZ, ZtXy, Lam):
+    def _deviance_q1(ZtZ, ZtXy, Lam, store):
         G, _, m = ZtXy.shape
-        L = np.empty((G, 1, 1))
-        RZXy = np.empty((G, 1, m))
+        Gs = G if store else 0
+        L = np.empty((Gs, 1, 1))
+        RZXy = np.empty((Gs, 1, m))
         SS, blk = np.zeros((m, m)), np.zeros((m, m))
+        r = np.empty(m)
         lam = Lam[0, 0]
         logdet, prod = 0.0, 1.0
         for g in range(G):
             a = np.sqrt(1.0 + lam * (ZtZ[g, 0, 0] * lam))
-            L[g, 0, 0] = a
             if prod > 1e150:  # see _deviance_numba
                 logdet += np.log(prod)
                 prod = 1.0
             prod *= a
             s = lam / a
             for k in range(m):
-                RZXy[g, 0, k] = s * ZtXy[g, 0, k]
+                r[k] = s * ZtXy[g, 0, k]
+            if store:
+                L[g, 0, 0] = a
+                for k in range(m):
+                    RZXy[g, 0, k] = r[k]
             for k in range(m):
-                r = RZXy[g, 0, k]
                 for j in range(k, m):
-                    blk[k, j] += r * RZXy[g, 0, j]
+                    blk[k, j] += r[k] * r[j]
             if (g + 1) % BLOCK == 0 or g == G - 1:
                 for k in range(m):
                     for j in range(k, m):
@@ -346,7 +368,7 @@ if numba is not None:
         return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
-    def _gradient_q1(ZtZ, ZtXy, L, RZXy, Lam, beta, R_X, reml):
+    def _gradient_q1(ZtZ, ZtXy, Lam, beta, R_X, reml):
         G, _, m = ZtXy.shape
         p = m - 1
         out = np.zeros((3, 1, 1))
@@ -359,21 +381,24 @@ if numba is not None:
                 R_inv_diag[k] = 1.0 / R_X[k, k]
         for g in range(G):
             z = ZtZ[g, 0, 0]
-            ia = 1.0 / L[g, 0, 0]
-            h, e = RZXy[g, 0, p], ZtXy[g, 0, p]
+            ia = 1.0 / np.sqrt(1.0 + lam * (z * lam))
+            w = (lam * ia) * ia
+            n = z * w
+            e = ZtXy[g, 0, p]
             for k in range(p):
-                h -= RZXy[g, 0, k] * beta[k]
                 e -= ZtXy[g, 0, k] * beta[k]
-            u = h * ia
+            u = w * e
             e -= z * (lam * u)
+            blk[0] += n
             blk[1] += e * u
-            blk[0] += z * ((lam * ia) * ia)
             if reml:
+                t = n * lam
                 for k in range(p):
-                    t = ZtXy[g, 0, k] - z * (lam * (RZXy[g, 0, k] * ia))
+                    x = ZtXy[g, 0, k]
+                    v = x - t * x
                     for j in range(k):
-                        t -= K[j] * R_X[j, k]
-                    K[k] = t * R_inv_diag[k]
+                        v -= K[j] * R_X[j, k]
+                    K[k] = v * R_inv_diag[k]
                     blk[2] += K[k] * K[k]
             if (g + 1) % BLOCK == 0 or g == G - 1:
                 for t in range(3):
@@ -381,42 +406,47 @@ if numba is not None:
                     blk[t] = 0.0
         return out[0], out[1], out[2]
 
-    # q = 2 (a random intercept and slope, the common case) written out in scalars: the compiler
-    # keeps every 2 x 2 block in registers, about 3x faster than the loops above.
+    @numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+    def _factor_q2(z00, z01, z10, z11, l00, l01, l10, l11):
+        """(a, c, d) with [[a, 0], [c, d]] the Cholesky factor of Lam'Z'Z Lam + I."""
+        m00, m01 = z00 * l00 + z01 * l10, z00 * l01 + z01 * l11
+        m10, m11 = z10 * l00 + z11 * l10, z10 * l01 + z11 * l11
+        a = np.sqrt(1.0 + (l00 * m00 + l10 * m10))
+        c = (l01 * m00 + l11 * m10) / a
+        d = np.sqrt(1.0 + (l01 * m01 + l11 * m11) - c * c)
+        return a, c, d
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
-    def _deviance_q2(ZtZ, ZtXy, Lam):
+    def _deviance_q2(ZtZ, ZtXy, Lam, store):
         G, _, m = ZtXy.shape
-        L = np.empty((G, 2, 2))
-        RZXy = np.empty((G, 2, m))
+        Gs = G if store else 0
+        L = np.empty((Gs, 2, 2))
+        RZXy = np.empty((Gs, 2, m))
         SS, blk = np.zeros((m, m)), np.zeros((m, m))
+        r0, r1 = np.empty(m), np.empty(m)
         l00, l01, l10, l11 = Lam[0, 0], Lam[0, 1], Lam[1, 0], Lam[1, 1]
         logdet, prod = 0.0, 1.0
         for g in range(G):
-            z00, z01, z10, z11 = ZtZ[g, 0, 0], ZtZ[g, 0, 1], ZtZ[g, 1, 0], ZtZ[g, 1, 1]
-            m00, m01 = z00 * l00 + z01 * l10, z00 * l01 + z01 * l11
-            m10, m11 = z10 * l00 + z11 * l10, z10 * l01 + z11 * l11
-            # divisions become products with reciprocals: a divide costs several multiplies
-            a = np.sqrt(1.0 + (l00 * m00 + l10 * m10))
-            ia = 1.0 / a
-            c = (l01 * m00 + l11 * m10) * ia
-            d = np.sqrt(1.0 + (l01 * m01 + l11 * m11) - c * c)
-            id_ = 1.0 / d
-            L[g, 0, 0], L[g, 0, 1], L[g, 1, 0], L[g, 1, 1] = a, 0.0, c, d
+            a, c, d = _factor_q2(ZtZ[g, 0, 0], ZtZ[g, 0, 1], ZtZ[g, 1, 0], ZtZ[g, 1, 1],
+                                 l00, l01, l10, l11)
             f = a * d
             if f > 1e100 or prod > 1e150:  # see _deviance_numba
                 logdet += np.log(prod)
                 prod = 1.0
             prod *= f
+            # divisions become products with reciprocals: a divide costs several multiplies
+            ia, id_ = 1.0 / a, 1.0 / d
             for k in range(m):
                 x0, x1 = ZtXy[g, 0, k], ZtXy[g, 1, k]
-                r0 = (l00 * x0 + l10 * x1) * ia
-                RZXy[g, 0, k] = r0
-                RZXy[g, 1, k] = ((l01 * x0 + l11 * x1) - c * r0) * id_
+                r0[k] = (l00 * x0 + l10 * x1) * ia
+                r1[k] = ((l01 * x0 + l11 * x1) - c * r0[k]) * id_
+            if store:
+                L[g, 0, 0], L[g, 0, 1], L[g, 1, 0], L[g, 1, 1] = a, 0.0, c, d
+                for k in range(m):
+                    RZXy[g, 0, k], RZXy[g, 1, k] = r0[k], r1[k]
             for k in range(m):
-                r0, r1 = RZXy[g, 0, k], RZXy[g, 1, k]
                 for j in range(k, m):
-                    blk[k, j] += r0 * RZXy[g, 0, j] + r1 * RZXy[g, 1, j]
+                    blk[k, j] += r0[k] * r0[j] + r1[k] * r1[j]
             if (g + 1) % BLOCK == 0 or g == G - 1:
                 for k in range(m):
                     for j in range(k, m):
@@ -428,7 +458,7 @@ if numba is not None:
         return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
-    def _gradient_q2(ZtZ, ZtXy, L, RZXy, Lam, beta, R_X, reml):
+    def _gradient_q2(ZtZ, ZtXy, Lam, beta, R_X, reml):
         G, _, m = ZtXy.shape
         p = m - 1
         out = np.zeros((3, 2, 2))
@@ -441,26 +471,9 @@ if numba is not None:
                 R_inv_diag[k] = 1.0 / R_X[k, k]
         for g in range(G):
             z00, z01, z10, z11 = ZtZ[g, 0, 0], ZtZ[g, 0, 1], ZtZ[g, 1, 0], ZtZ[g, 1, 1]
-            a, c, d = L[g, 0, 0], L[g, 1, 0], L[g, 1, 1]
+            a, c, d = _factor_q2(z00, z01, z10, z11, l00, l01, l10, l11)
             ia, id_ = 1.0 / a, 1.0 / d
-            # u = L^-T (c_u - R_ZX beta), b = Lam u, Z'e = Z'y - Z'X beta - Z'Z b
-            h0, h1 = RZXy[g, 0, p], RZXy[g, 1, p]
-            e0, e1 = ZtXy[g, 0, p], ZtXy[g, 1, p]
-            for k in range(p):
-                h0 -= RZXy[g, 0, k] * beta[k]
-                h1 -= RZXy[g, 1, k] * beta[k]
-                e0 -= ZtXy[g, 0, k] * beta[k]
-                e1 -= ZtXy[g, 1, k] * beta[k]
-            u1 = h1 * id_
-            u0 = (h0 - c * u1) * ia
-            b0, b1 = l00 * u0 + l01 * u1, l10 * u0 + l11 * u1
-            e0 -= z00 * b0 + z01 * b1
-            e1 -= z10 * b0 + z11 * b1
-            blk[4] += e0 * u0
-            blk[5] += e0 * u1
-            blk[6] += e1 * u0
-            blk[7] += e1 * u1
-            # W = P^-1 Lam' column by column (two triangular solves), then sum Z'Z W'
+            # W = P^-1 Lam' column by column (two triangular solves); N = Z'Z W'
             v0 = l00 * ia
             v1 = (l01 - c * v0) * id_
             w10 = v1 * id_
@@ -469,23 +482,38 @@ if numba is not None:
             v1 = (l11 - c * v0) * id_
             w11 = v1 * id_
             w01 = (v0 - c * w11) * ia
-            blk[0] += z00 * w00 + z01 * w01
-            blk[1] += z00 * w10 + z01 * w11
-            blk[2] += z10 * w00 + z11 * w01
-            blk[3] += z10 * w10 + z11 * w11
+            n00, n01 = z00 * w00 + z01 * w01, z00 * w10 + z01 * w11
+            n10, n11 = z10 * w00 + z11 * w01, z10 * w10 + z11 * w11
+            blk[0] += n00
+            blk[1] += n01
+            blk[2] += n10
+            blk[3] += n11
+            # e = Z'y - Z'X beta; u = W e; Z'e (the residual's) = e - Z'Z Lam u
+            e0, e1 = ZtXy[g, 0, p], ZtXy[g, 1, p]
+            for k in range(p):
+                e0 -= ZtXy[g, 0, k] * beta[k]
+                e1 -= ZtXy[g, 1, k] * beta[k]
+            u0, u1 = w00 * e0 + w01 * e1, w10 * e0 + w11 * e1
+            b0, b1 = l00 * u0 + l01 * u1, l10 * u0 + l11 * u1
+            e0 -= z00 * b0 + z01 * b1
+            e1 -= z10 * b0 + z11 * b1
+            blk[4] += e0 * u0
+            blk[5] += e0 * u1
+            blk[6] += e1 * u0
+            blk[7] += e1 * u1
             if reml:
-                # Q = Z'X - Z'Z Lam L^-T R_ZX, then K = Q R_X^-1 row by row
+                # Q = (I - N Lam') Z'X, then K = Q R_X^-1 row by row
+                t00, t01 = n00 * l00 + n01 * l01, n00 * l10 + n01 * l11
+                t10, t11 = n10 * l00 + n11 * l01, n10 * l10 + n11 * l11
                 for k in range(p):
-                    v1 = RZXy[g, 1, k] * id_
-                    v0 = (RZXy[g, 0, k] - c * v1) * ia
-                    s0, s1 = l00 * v0 + l01 * v1, l10 * v0 + l11 * v1
-                    t0 = ZtXy[g, 0, k] - (z00 * s0 + z01 * s1)
-                    t1 = ZtXy[g, 1, k] - (z10 * s0 + z11 * s1)
+                    x0, x1 = ZtXy[g, 0, k], ZtXy[g, 1, k]
+                    s0 = x0 - (t00 * x0 + t01 * x1)
+                    s1 = x1 - (t10 * x0 + t11 * x1)
                     for j in range(k):
-                        t0 -= K0[j] * R_X[j, k]
-                        t1 -= K1[j] * R_X[j, k]
-                    K0[k] = t0 * R_inv_diag[k]
-                    K1[k] = t1 * R_inv_diag[k]
+                        s0 -= K0[j] * R_X[j, k]
+                        s1 -= K1[j] * R_X[j, k]
+                    K0[k] = s0 * R_inv_diag[k]
+                    K1[k] = s1 * R_inv_diag[k]
                     blk[8] += K0[k] * K0[k]
                     blk[9] += K0[k] * K1[k]
                     blk[10] += K1[k] * K1[k]
@@ -502,5 +530,5 @@ if numba is not None:
         return out[0], out[1], out[2]
 
 else:  # pragma: no cover
-    _deviance_numba = _gradient_numba = _deviance_q2 = _gradient_q2 = None
-    _deviance_q1 = _gradient_q1 = None
+    _deviance_numba = _gradient_numba = _deviance_q1 = _gradient_q1 = None
+    _deviance_q2 = _gradient_q2 = _factor_q2 = None

@@ -47,8 +47,8 @@ class PLSState:
     """Everything one evaluation of the profiled deviance produces at a given Lambda."""
 
     Lam: Array
-    L: Array          # (G, q, q) lower factors of P_j
-    RZXy: Array       # (G, q, p + 1): R_ZX,j and c_u,j side by side
+    L: Array | None     # (G, q, q) lower factors of P_j (None: not kept, see `evaluate`)
+    RZXy: Array | None  # (G, q, p + 1): R_ZX,j and c_u,j side by side (idem)
     R: Array          # (p + 1, p + 1) upper factor of the Schur complement
     logdet_L: float   # sum_j log|L_j|^2
     reml: bool
@@ -105,9 +105,13 @@ class PLSState:
         return self.sigma2 * np.einsum("gki,gkj->gij", LinvLamT, LinvLamT)
 
 
-def evaluate(cp: CrossProducts, Lam: Array, reml: bool) -> PLSState:
-    """The penalised least squares solution and profiled deviance at relative factor Lambda."""
-    L, RZXy, SS, logdet = kernels.deviance_pass(cp.ZtZ, cp.ZtXy, Lam)
+def evaluate(cp: CrossProducts, Lam: Array, reml: bool, factors: bool = True) -> PLSState:
+    """The penalised least squares solution and profiled deviance at relative factor Lambda.
+
+    ``factors=False`` may leave the per-group L_j and RZXy_j out of the state (None): the
+    deviance, beta, sigma^2 and `gradient` do not need them, conditional modes do.
+    """
+    L, RZXy, SS, logdet = kernels.deviance_pass(cp.ZtZ, cp.ZtXy, Lam, store=factors)
     S = cp.XyXy - SS
     S = 0.5 * (S + S.T)
     try:
