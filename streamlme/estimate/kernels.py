@@ -8,8 +8,9 @@ so a group's blocks stay in registers, and with small loops for larger q. The nu
 makes a dozen stacked passes over memory and is kept as the fallback (no numba, or
 ``STREAMLME_KERNELS=numpy``) and as the reference the compiled loops are tested against.
 
-Measured at G = 1e5, p = 5, one thread (ms per deviance pass / gradient pass): q = 1 2.0 / 1.5
-(numpy 8 / 13), q = 2 3.4 / 3.2 (numpy 15 / 24), q = 3 14 / 23 (numpy 80 / 170). The first call
+Measured at G = 1e5, p = 5, one thread, REML (ms per deviance pass / gradient pass): q = 1
+2.0 / 1.6 (numpy 8 / 13), q = 2 3.5 / 4.1 (numpy 15 / 24), q = 3 14 / 23 (numpy 80 / 170); at
+G = 1e6, q = 2: 35 / 41. The first call
 compiles for about 3 s; numba caches the result on disk (``cache=True``), after which loading
 takes about 0.15 s — `warm_up` does either ahead of time.
 
@@ -100,7 +101,7 @@ def gradient_pass(
 
 
 def warm_up() -> float:
-    """Compile (or load from numba's cache) both kernels; seconds taken. Call before timing."""
+    """Compile (or load from numba's cache) the kernels for every q; seconds taken. Call before timing."""
     import time
 
     t0 = time.perf_counter()
