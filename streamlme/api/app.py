@@ -1,0 +1,208 @@
+"""The HTTP API: group effects, predictions and models over `streamlme.client.Client`.
+
+``streamlme serve --config FILE`` runs `serve`; `create_app` builds the ASGI app for any other
+server (``uvicorn --factory``, gunicorn with uvicorn workers, tests).
+
+Routes (all JSON; errors are `streamlme.api.schemas.Error` bodies, see `streamlme.api.errors`):
+
+=========================================  ================================================
+``GET  /v1/groups/{group}/effect``         one group's effect (the ``streamlme effect`` line)
+``POST /v1/groups/effects``                many: ``{"groups": [...]}``, one round trip
+``POST /v1/predict``                       ``{"group", "row", "level"}``: prediction, interval
+``GET  /v1/model[?version=V]``             the current (or a stored) model version
+``GET  /v1/model/versions``                stored versions, oldest first
+``GET  /healthz``, ``GET /readyz``         alive; ready = store answers and a model exists
+``GET  /metrics``                          Prometheus text (`streamlme.metrics`)
+``GET  /openapi.json``, ``GET /docs``      the schema and its browsable form
+=========================================  ================================================
+
+A group id may hold any characters: percent-encode it in the path (``/`` as ``%2F``); the
+route takes the rest of the path up to ``/effect``. With a token (``[api] token`` or
+``STREAMLME_API_TOKEN``), every route but the two health checks needs the header
+``Authorization: Bearer <token>``. ``GET /`` is left free for a dashboard.
+
+Handlers are coroutines that call the synchronous Client directly on the event loop. A query
+is one Redis round trip of about 0.1 ms; handing it to a worker thread (FastAPI's default for
+plain functions) or going through redis.asyncio was measured here at half the throughput and a
+longer tail. The price: while Redis stalls, the loop waits too, so the API's Redis timeout is
+kept short (`REDIS_TIMEOUT`) and a stalled store turns into quick 503s.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime,
+# and those of closures name local objects (the security scheme) that string annotations lose.
+import hmac
+import json
+import os
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Security
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from streamlme import __version__
+from streamlme.api import errors, schemas
+from streamlme.client import Client, ModelNotReady
+from streamlme.config import Config
+from streamlme.metrics import CONTENT_TYPE, MODEL_AGE, MODEL_VERSION, QUERY_LATENCY, metrics_text
+
+TOKEN_ENV = "STREAMLME_API_TOKEN"
+#: Seconds the API waits for Redis (connect, each reply) before answering 503.
+REDIS_TIMEOUT = 1.0
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": schemas.Error, "description": "Missing or wrong bearer token."},
+    422: {"model": schemas.Error, "description": "Invalid request."},
+    503: {"model": schemas.Error, "description": "No model yet, or the store cannot answer."},
+}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"model": schemas.Error, "description": "No such model version."}}
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    # Bodies are built here, not re-validated by FastAPI: the shapes are the schemas' by
+    # construction, and skipping pydantic keeps a query's cost near the store round trip.
+    body = json.dumps(obj, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    return Response(body.encode(), status_code=status, media_type="application/json")
+
+
+def _auth(token: str | None) -> Any:
+    scheme = HTTPBearer(auto_error=False, description="Required when the server has a token.")
+    expected = token.encode() if token else None
+
+    async def check(credentials: Annotated[HTTPAuthorizationCredentials | None, Security(scheme)]
+              ) -> None:
+        if expected is None:
+            return
+        given = credentials.credentials.encode() if credentials is not None else b""
+        if not hmac.compare_digest(given, expected):
+            raise errors.ApiError(
+                401, "unauthorized",
+                "missing or wrong bearer token; send 'Authorization: Bearer <token>' with the "
+                f"token of the server's [api] token or {TOKEN_ENV}",
+                headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def build_app(client: Client, token: str | None = None) -> FastAPI:
+    """The app over an existing Client; ``token`` None means no authentication."""
+    app = FastAPI(
+        title="streamlme", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
+        description="Group effects on demand from a linear mixed model kept live over an "
+                    "event stream.",
+    )
+    errors.install(app)
+    app.state.client = client
+    guarded = APIRouter(dependencies=[Depends(_auth(token))], responses=_ERRORS)
+
+    @guarded.get("/v1/groups/{group:path}/effect", response_model=schemas.Effect,
+                 summary="One group's current effect")
+    async def group_effect(
+        group: Annotated[str, Path(description="The group id, percent-encoded.", min_length=1)],
+    ) -> Response:
+        start = time.perf_counter()
+        eff = client.effect(group)
+        QUERY_LATENCY.labels("effect").observe(time.perf_counter() - start)
+        return _json(eff.to_dict())
+
+    @guarded.post("/v1/groups/effects", response_model=schemas.Effects,
+                  summary="Many groups' effects, in the order asked")
+    async def group_effects(body: schemas.EffectsRequest) -> Response:
+        start = time.perf_counter()
+        effects = client.effects(body.groups)
+        QUERY_LATENCY.labels("effects").observe(time.perf_counter() - start)
+        return _json({"effects": [e.to_dict() for e in effects]})
+
+    @guarded.post("/v1/predict", response_model=schemas.Prediction,
+                  summary="Predict a new row of a group, with an interval")
+    async def predict(body: schemas.PredictRequest) -> Response:
+        start = time.perf_counter()
+        try:
+            pred = client.predict(body.group, body.row, body.level)
+        except ValueError as exc:
+            if isinstance(exc, errors.KeyNameError):
+                raise
+            raise errors.ApiError(422, "invalid_row", str(exc)) from None
+        QUERY_LATENCY.labels("predict").observe(time.perf_counter() - start)
+        return _json(pred.to_dict())
+
+    @guarded.get("/v1/model", response_model=schemas.Model, responses=_NOT_FOUND,
+                 summary="The current model version, or a stored one")
+    async def model(version: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> Response:
+        return _json(client.model(version).to_dict())
+
+    @guarded.get("/v1/model/versions", response_model=schemas.ModelVersions,
+                 summary="Stored model versions, oldest first")
+    async def model_versions() -> Response:
+        versions = []
+        for v in client.model_versions():
+            try:
+                rec = client.model(v)
+            except errors.ModelVersionNotFoundError:
+                continue  # trimmed from the history between the two reads
+            fit = rec.fit
+            versions.append({
+                "version": v, "created_at": rec.created_at, "method": fit["method"],
+                "converged": rec.converged, "criterion": fit.get("criterion"),
+                "n_obs": fit.get("n_obs", 0), "n_groups": fit.get("n_groups", 0)})
+        return _json({"current": client.current_version(), "versions": versions})
+
+    @guarded.get("/metrics", response_class=Response, summary="Prometheus metrics",
+                 responses={200: {"content": {"text/plain": {}}}})
+    async def metrics() -> Response:
+        try:
+            rec = client.model()
+        except (ModelNotReady, *errors.STORE_ERRORS):
+            MODEL_VERSION.set(0)
+        else:
+            MODEL_VERSION.set(rec.version)
+            MODEL_AGE.set(max(time.time() - rec.created_at, 0.0))
+        return Response(metrics_text(), media_type=CONTENT_TYPE)
+
+    @guarded.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @guarded.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="streamlme API")
+
+    @app.get("/healthz", response_model=schemas.Health, summary="The process is alive")
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @app.get("/readyz", response_model=schemas.Ready, summary="Store answers and a model exists",
+             responses={503: {"model": schemas.Ready, "description": "Not ready, with why."}})
+    async def readyz() -> Response:
+        try:
+            client.ping()
+            version = client.current_version()
+        except errors.STORE_ERRORS as exc:
+            return _json({"status": "not_ready", "reason": f"store unreachable: {exc}"}, 503)
+        if version is None:
+            return _json({"status": "not_ready",
+                          "reason": "no model yet; run `streamlme refresh`"}, 503)
+        return _json({"status": "ready", "model_version": version})
+
+    app.include_router(guarded)
+    return app
+
+
+def api_token(config: Config) -> str | None:
+    """The configured token: ``[api] token``, else ``STREAMLME_API_TOKEN``; None if neither."""
+    return config.api.token or os.environ.get(TOKEN_ENV) or None
+
+
+def create_app(config: Config) -> FastAPI:
+    """The app for a configuration (its store, its token)."""
+    return build_app(Client(config, timeout=REDIS_TIMEOUT), api_token(config))
+
+
+def serve(config: Config, access_log: bool = False) -> None:
+    """Run the API with uvicorn on ``[api] host`` and ``port`` until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=config.api.host, port=config.api.port,
+                access_log=access_log, log_level="info")

@@ -1,0 +1,104 @@
+"""Every failure as a JSON `Error` body with a 4xx or 503 status, never a bare 500.
+
+=======================================  ======  ===================
+raised                                   status  ``error``
+=======================================  ======  ===================
+request that fails validation            422     invalid_request
+group id that cannot name a key          422     invalid_group
+row the model cannot use (predict)       422     invalid_row
+missing or wrong bearer token            401     unauthorized
+model version not stored                 404     not_found
+unknown route                            404     not_found
+no model yet                             503     model_not_ready
+Redis down, unreadable record            503     store_unavailable
+=======================================  ======  ===================
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import redis
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from streamlme.client import ModelNotReady, ModelVersionNotFoundError
+from streamlme.model import ModelRecordError
+from streamlme.stats import StatsError
+from streamlme.store.errors import KeyNameError, StoreError
+
+log = logging.getLogger(__name__)
+
+#: What the store raises when it cannot answer (down, timed out, holding unreadable records).
+STORE_ERRORS = (redis.RedisError, StoreError, StatsError, ModelRecordError, OSError)
+
+_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+          422: "invalid_request"}
+
+
+class ApiError(Exception):
+    """An error with its status and code, raised by route handlers."""
+
+    def __init__(self, status: int, error: str, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message, self.headers = status, error, message, headers
+
+
+def error_response(status: int, error: str, message: str, detail: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": error, "message": message}
+    if detail is not None:
+        body["detail"] = detail
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on ``app``."""
+
+    @app.exception_handler(ApiError)
+    def _api(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.error, exc.message, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        code = _CODES.get(exc.status_code, HTTPStatus(exc.status_code).phrase.lower()
+                          .replace(" ", "_"))
+        return error_response(exc.status_code, code, str(exc.detail),
+                              headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
+                  for e in exc.errors()]
+        first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"])
+        return error_response(422, "invalid_request", f"{where}: {first['msg']}",
+                              jsonable_encoder(detail))
+
+    @app.exception_handler(KeyNameError)
+    def _group(request: Request, exc: KeyNameError) -> JSONResponse:
+        return error_response(422, "invalid_group", str(exc))
+
+    @app.exception_handler(ModelNotReady)
+    def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
+        return error_response(503, "model_not_ready", str(exc))
+
+    @app.exception_handler(ModelVersionNotFoundError)
+    def _no_version(request: Request, exc: ModelVersionNotFoundError) -> JSONResponse:
+        return error_response(404, "not_found", str(exc))
+
+    for kind in STORE_ERRORS:
+        app.add_exception_handler(kind, _store_unavailable)
+
+
+def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("store error on %s: %r", request.url.path, exc)
+    return error_response(503, "store_unavailable",
+                          f"the state store cannot answer: {exc}; check Redis and retry",
+                          headers={"Retry-After": "1"})

@@ -1,0 +1,113 @@
+"""Request and response bodies of the HTTP API (they make its OpenAPI schema).
+
+Response shapes are public contracts, like the CLI's JSON: an effect is exactly the line of
+``streamlme effect --json``; add fields, never rename them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streamlme.store.keys import MAX_GROUP_BYTES
+
+#: Most groups one ``POST /v1/groups/effects`` may ask for.
+MAX_BATCH = 1000
+
+GroupId = Annotated[str, Field(min_length=1, max_length=MAX_GROUP_BYTES,
+                               description=f"Any string of 1 to {MAX_GROUP_BYTES} UTF-8 bytes.",
+                               examples=["A17"])]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Effect(BaseModel):
+    """A group's random effects under the current model (the `streamlme effect --json` line)."""
+
+    group: str
+    n: float = Field(description="Weight mass seen (events, after any forgetting).")
+    effect: dict[str, float] = Field(description="Conditional mode of each random term.")
+    cov: list[list[float]] = Field(description="Conditional covariance Var(b_j - b).")
+    shrinkage: float = Field(description="Reliability of the first random term, 0 to 1.")
+    model_version: int
+    known: bool = Field(description="False for a group never seen: zeros and the prior G.")
+
+
+class EffectsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    groups: list[GroupId] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class Effects(BaseModel):
+    effects: list[Effect] = Field(description="One per group asked, in the order asked.")
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    group: GroupId
+    row: dict[str, Finite] = Field(
+        description="Covariate values of the new row; every fixed and random covariate is needed.",
+        examples=[{"age": 61.0}])
+    level: float = Field(0.95, gt=0.0, lt=1.0, description="Coverage of the interval.")
+
+
+class Prediction(BaseModel):
+    group: str
+    prediction: float = Field(description="x'beta + z'b_j.")
+    fixed: float = Field(description="The fixed part x'beta.")
+    random: float = Field(description="The group part z'b_j.")
+    se: float = Field(description="Standard error of a new observation.")
+    lower: float
+    upper: float
+    level: float
+    model_version: int
+    known: bool
+
+
+class Model(BaseModel):
+    """A model version: the fields of `streamlme fit --json` plus version and created_at."""
+
+    model_config = ConfigDict(extra="allow")
+
+    version: int
+    created_at: float
+    method: str
+    converged: bool
+    fixed: list[str]
+    random: list[str]
+    beta: dict[str, float]
+    G: list[list[float]]
+    sigma2: float
+
+
+class ModelVersion(BaseModel):
+    version: int
+    created_at: float
+    method: str
+    converged: bool
+    criterion: float | None
+    n_obs: float
+    n_groups: int
+
+
+class ModelVersions(BaseModel):
+    current: int | None = Field(description="The version queries use; null before any refresh.")
+    versions: list[ModelVersion] = Field(description="Stored versions, oldest first.")
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Ready(BaseModel):
+    status: str = Field(description='"ready" or "not_ready".')
+    model_version: int | None = None
+    reason: str | None = None
+
+
+class Error(BaseModel):
+    error: str = Field(description="A stable code, e.g. invalid_request, model_not_ready.")
+    message: str = Field(description="What is wrong and what to do.")
+    detail: list[dict[str, Any]] | None = Field(None, description="Per-field validation errors.")
