@@ -28,6 +28,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -78,6 +79,10 @@ class MemoryStore:
         self._model_seq = 0
         self._model_current: int | None = None
         self._fence: int | None = None
+        # the refresh leader's lease: (owner, token, monotonic expiry); never snapshotted, as
+        # a lease belongs to a running process
+        self._lease: tuple[str, int, float] | None = None
+        self._lease_seq = 0
         if snapshot is not None and Path(snapshot).exists():
             self._restore(Path(snapshot))
 
@@ -211,11 +216,21 @@ class MemoryStore:
 
     # -- models -----------------------------------------------------------------------------
 
-    def put_model(self, record: bytes | str, fence: int | None = None) -> int:
+    def put_model(self, record: bytes | str, fence: int | None = None,
+                  keep: int | None = None) -> int:
         """Store a model record as a new version and make it current (see RedisStore)."""
         data = record.encode("utf-8") if isinstance(record, str) else bytes(record)
+        keep = self.model_history if keep is None else keep
+        if keep < 1:
+            raise StoreError(f"keep must be at least 1, got {keep}")
         with self._lock:
             if fence is not None:
+                if self._lease_seq:
+                    held = self._live_lease()
+                    if held is None or held[1] != fence:
+                        why = (f"the lease is held with token {held[1]}" if held is not None
+                               else "the lease expired or was released")
+                        raise StaleFenceError(f"token {fence} is not the lease: {why}")
                 if self._fence is not None and self._fence > fence:
                     raise StaleFenceError(f"token {fence} is older than {self._fence}")
                 self._fence = int(fence)
@@ -223,7 +238,7 @@ class MemoryStore:
             version = self._model_seq
             self._models[version] = data
             self._model_current = version
-            for old in sorted(self._models)[: max(0, len(self._models) - self.model_history)]:
+            for old in sorted(self._models)[: max(0, len(self._models) - keep)]:
                 del self._models[old]
             return version
 
@@ -245,6 +260,50 @@ class MemoryStore:
             if int(version) not in self._models:
                 raise StoreError(f"model version {version} is not stored")
             self._model_current = int(version)
+
+    # -- the refresh leader's lease (see streamlme.lease) -------------------------------------
+
+    def _live_lease(self) -> tuple[str, int, float] | None:
+        if self._lease is not None and self._lease[2] <= time.monotonic():
+            self._lease = None
+        return self._lease
+
+    def acquire_lease(self, owner: str, ttl: float) -> int | None:
+        """Take the lease for ``ttl`` seconds if it is free (or already ``owner``'s): its token."""
+        expires = time.monotonic() + _positive_ttl(ttl)
+        with self._lock:
+            held = self._live_lease()
+            if held is not None:
+                if held[0] != owner:
+                    return None
+                token = held[1]
+            else:
+                # never below a token a put has shown (e.g. one restored from a snapshot)
+                token = self._lease_seq = max(self._lease_seq, self._fence or 0) + 1
+            self._lease = (owner, token, expires)
+            return token
+
+    def renew_lease(self, owner: str, token: int, ttl: float) -> bool:
+        expires = time.monotonic() + _positive_ttl(ttl)
+        with self._lock:
+            held = self._live_lease()
+            if held is None or held[:2] != (owner, token):
+                return False
+            self._lease = (owner, token, expires)
+            return True
+
+    def release_lease(self, owner: str, token: int) -> bool:
+        with self._lock:
+            held = self._live_lease()
+            if held is None or held[:2] != (owner, token):
+                return False
+            self._lease = None
+            return True
+
+    def lease_holder(self) -> tuple[str, int, float] | None:
+        with self._lock:
+            held = self._live_lease()
+            return None if held is None else (held[0], held[1], held[2] - time.monotonic())
 
     # -- snapshots --------------------------------------------------------------------------
 
@@ -332,6 +391,12 @@ class MemoryStore:
         self._model_seq = header.get("model_seq", 0)
         self._model_current = header.get("model_current")
         self._fence = header.get("fence")
+
+
+def _positive_ttl(seconds: float) -> float:
+    if not seconds > 0:
+        raise StoreError(f"a lease needs a positive ttl, got {seconds}")
+    return float(seconds)
 
 
 def _blob(data: bytes) -> np.ndarray:

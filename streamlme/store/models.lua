@@ -1,22 +1,43 @@
--- Versioned model records of one namespace: put (new version, becomes current), get, set current.
+-- Versioned model records of one namespace, and the refresh leader's lease that fences writes.
 --
 -- KEYS[1] models hash (version -> record)   KEYS[2] version counter   KEYS[3] current version
--- KEYS[4] fencing token
+-- KEYS[4] highest fencing token used        KEYS[5] lease ("owner|token", with a TTL)
+-- KEYS[6] lease token counter
 -- ARGV[1] "put":     ARGV[2] record, ARGV[3] fencing token or "", ARGV[4] versions to keep
 --         "get":     ARGV[2] version or "" for the current one      -> record or nil
 --         "current": ARGV[2] version                               -> version
+--         "acquire": ARGV[2] owner, ARGV[3] ttl ms   -> {1, token} or {0, holder, ms left}
+--         "renew":   ARGV[2] owner, ARGV[3] token, ARGV[4] ttl ms  -> 1 if still ours, else 0
+--         "release": ARGV[2] owner, ARGV[3] token                  -> 1 if it was ours, else 0
+--         "holder":                                    -> {holder, ms left} or {} if free
 --
--- Fencing: a writer passes the token of its lease (issued by the leader election, which is
--- designed elsewhere). A put carrying a smaller token than one already seen is refused, so a
--- deposed leader that wakes up late cannot overwrite its successor's model.
+-- Fencing: a put carrying a token is refused unless the lease is held right now with that token
+-- (once any lease was issued in this namespace) and no larger token was used before. Checking
+-- the lease here, in the same script that writes, is what stops a leader whose lease expired
+-- mid-fit even when nobody has taken the lease since. Tokens only grow: acquire takes the next
+-- one from the counter, never below a token a put has already shown.
 
 local op = ARGV[1]
+
+local function holder_token(holder)
+  if not holder then return nil end
+  return tonumber(string.match(holder, '|(%d+)$'))
+end
 
 if op == 'put' then
   local fence = ARGV[3]
   if fence ~= '' then
+    local token = tonumber(fence)
+    if redis.call('EXISTS', KEYS[6]) == 1 then
+      local held = holder_token(redis.call('GET', KEYS[5]))
+      if held ~= token then
+        local why = held and ('the lease is held with token ' .. held)
+          or 'the lease expired or was released'
+        return redis.error_reply('STALE_FENCE token ' .. fence .. ' is not the lease: ' .. why)
+      end
+    end
     local seen = redis.call('GET', KEYS[4])
-    if seen and tonumber(seen) > tonumber(fence) then
+    if seen and tonumber(seen) > token then
       return redis.error_reply('STALE_FENCE token ' .. fence .. ' is older than ' .. seen)
     end
     redis.call('SET', KEYS[4], fence)
@@ -47,5 +68,38 @@ elseif op == 'current' then
   end
   redis.call('SET', KEYS[3], ARGV[2])
   return tonumber(ARGV[2])
+elseif op == 'acquire' then
+  local holder = redis.call('GET', KEYS[5])
+  if holder then
+    if string.sub(holder, 1, #ARGV[2] + 1) == ARGV[2] .. '|' then
+      redis.call('PEXPIRE', KEYS[5], ARGV[3])
+      return {1, holder_token(holder)}
+    end
+    return {0, holder, redis.call('PTTL', KEYS[5])}
+  end
+  local token = redis.call('INCR', KEYS[6])
+  local seen = tonumber(redis.call('GET', KEYS[4]) or '0')
+  if token <= seen then
+    token = seen + 1
+    redis.call('SET', KEYS[6], token)
+  end
+  redis.call('SET', KEYS[5], ARGV[2] .. '|' .. token, 'PX', ARGV[3])
+  return {1, token}
+elseif op == 'renew' then
+  if redis.call('GET', KEYS[5]) == ARGV[2] .. '|' .. ARGV[3] then
+    redis.call('PEXPIRE', KEYS[5], ARGV[4])
+    return 1
+  end
+  return 0
+elseif op == 'release' then
+  if redis.call('GET', KEYS[5]) == ARGV[2] .. '|' .. ARGV[3] then
+    redis.call('DEL', KEYS[5])
+    return 1
+  end
+  return 0
+elseif op == 'holder' then
+  local holder = redis.call('GET', KEYS[5])
+  if not holder then return {} end
+  return {holder, redis.call('PTTL', KEYS[5])}
 end
 return redis.error_reply('unknown operation ' .. tostring(op))
