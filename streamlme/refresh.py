@@ -1,0 +1,483 @@
+"""Scheduled re-estimation: read every group's statistics, refit, write a new model version.
+
+One refresh (`refresh_once`):
+
+1. takes the leader lease (`streamlme.lease`), waiting while another refresher holds it;
+2. reads all group statistics with ``store.scan(chunk)`` into arrays — memory grows with the
+   number of groups, never with the number of events;
+3. fits by the configured method, warm-started from the current model's theta, with the
+   tolerance and iteration limit of ``[refresh]``;
+4. writes the result as a new model version with the lease's fencing token, so a refresher whose
+   lease lapsed mid-fit cannot write. A fit that raises or does not converge is logged, counted
+   and never written: the good model stays current.
+
+`run_refresh` runs it once (cron, Kubernetes CronJob) or every N seconds as a long-lived
+leader; `model_command` backs ``streamlme model`` (current version, history, rollback).
+
+>>> from streamlme.store import MemoryStore
+>>> from streamlme import GroupStats, ModelSpec
+>>> import numpy as np
+>>> rng = np.random.default_rng(1)
+>>> groups = np.repeat(np.arange(30), 10)
+>>> y = rng.normal(size=30)[groups] + rng.normal(size=300)
+>>> store = MemoryStore(columns=["y"])
+>>> _ = store.merge(GroupStats.from_rows([f"g{i}" for i in groups], y[:, None]))
+>>> outcome = refresh_once(store, ModelSpec("y", ["1"], ["1"], "g"))
+>>> outcome.status, outcome.version, outcome.n_groups
+('written', 1, 30)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Histogram
+from redis.exceptions import RedisError
+
+from streamlme.config import Config
+from streamlme.estimate import ConvergenceWarning, SingularFitWarning, fit
+from streamlme.lease import DEFAULT_TTL, Lease
+from streamlme.model import ModelRecord, ModelRecordError
+from streamlme.spec import ModelSpec
+from streamlme.stats import GroupStats
+from streamlme.store.errors import StaleFenceError, StoreError
+
+log = logging.getLogger(__name__)
+
+REFRESH_DURATION = Histogram(
+    "streamlme_refresh_duration_seconds",
+    "Wall time of one refresh: read statistics, fit, write the model",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+REFRESH_OUTCOMES = Counter(
+    "streamlme_refresh_outcomes",
+    "Refreshes by outcome: written, fit_failed, not_converged, fenced, no_lease, error",
+    ["outcome"],
+)
+
+#: Outcomes, in the order a refresh can end.
+OUTCOMES = ("written", "fit_failed", "not_converged", "fenced", "no_lease", "error")
+
+
+@dataclass(frozen=True)
+class RefreshSettings:
+    """How to refresh. ``None`` for method/tol/max_iter means the spec's or the engine's own."""
+
+    method: str | None = None
+    tol: float | None = None
+    max_iter: int | None = None
+    history: int = 50
+    chunk: int = 10_000
+    lease_ttl: float = DEFAULT_TTL
+    warm_start: bool = True
+
+    @classmethod
+    def from_config(cls, config: Config, **overrides: Any) -> RefreshSettings:
+        r = config.refresh
+        base = cls(method=config.model.method, tol=r.tolerance, max_iter=r.max_iter,
+                   history=r.history)
+        return cls(**{**asdict(base), **overrides})
+
+    def fit_kwargs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.tol is not None:
+            out["tol"] = self.tol
+        if self.max_iter is not None:
+            out["max_iter"] = self.max_iter
+        return out
+
+
+@dataclass
+class RefreshOutcome:
+    """What one refresh did. ``ok`` only when a new version was written."""
+
+    status: str
+    message: str = ""
+    version: int | None = None  # the version written, if any
+    current_version: int | None = None  # the version current afterwards
+    start_version: int | None = None  # the model the fit was warm-started from
+    token: int | None = None
+    n_groups: int = 0
+    n_obs: float = 0.0
+    method: str = ""
+    converged: bool | None = None
+    criterion: float | None = None
+    iterations: int = 0
+    n_evals: int = 0
+    read_seconds: float = 0.0
+    fit_seconds: float = 0.0
+    write_seconds: float = 0.0
+    seconds: float = 0.0
+    created_at: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "written"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+# -- reading --------------------------------------------------------------------------------
+
+
+def read_stats(store: Any, d: int, chunk: int = 10_000) -> GroupStats:
+    """Every group's statistics, read ``chunk`` groups at a time into one `GroupStats`.
+
+    Chunks are gathered as arrays and joined once; the result holds O(groups x d^2) floats.
+    """
+    keys: list[str] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for part in store.scan(chunk):
+        keys.extend(part.keys)
+        parts.append((part.n, part.mean, part.C, part.t))
+    if not parts:
+        return GroupStats.empty(d)
+    n, mean, C, t = (np.concatenate(arrays) for arrays in zip(*parts))
+    return GroupStats(keys, n, mean, C, t)
+
+
+def current_model(store: Any) -> ModelRecord | None:
+    """The current model version, or None if none is stored."""
+    version = store.current_model_version()
+    data = store.get_model(version) if version is not None else None
+    return None if data is None else ModelRecord.from_json(data, version=version)
+
+
+# -- one refresh ----------------------------------------------------------------------------
+
+
+def refresh_once(
+    target: Config | Any,
+    spec: ModelSpec | None = None,
+    settings: RefreshSettings | None = None,
+    *,
+    lease: Lease | None = None,
+    wait: float | None = None,
+) -> RefreshOutcome:
+    """Refit from the store's statistics and write a new model version (see the module doc).
+
+    ``target`` is a `Config` (its store is opened and closed here, ``spec`` and ``settings``
+    come from it) or a store, with ``spec`` and ``settings`` given. ``lease`` is a lease this
+    caller already holds (a long-running leader); without one, the lease is taken here —
+    waiting at most ``wait`` seconds (None: as long as it takes) — and released at the end.
+    Errors of the store itself (a lost Redis connection) propagate; fit failures do not.
+    """
+    if isinstance(target, Config):
+        from streamlme.stream.app import close_store, make_store
+
+        store = make_store(target)
+        try:
+            return refresh_once(store, target.spec, settings or RefreshSettings.from_config(target),
+                                lease=lease, wait=wait)
+        finally:
+            close_store(target, store)
+    if spec is None:
+        raise TypeError("refresh_once(store, spec, settings): spec is required with a store")
+    store, settings = target, settings or RefreshSettings()
+    with REFRESH_DURATION.time(), _leased(store, settings, lease, wait) as held:
+        outcome = _refresh(store, spec, settings, held) if held is not None \
+            else RefreshOutcome("no_lease", f"the refresh lease stayed busy for {wait:g}s")
+    _report(outcome)
+    return outcome
+
+
+@contextmanager
+def _leased(store: Any, settings: RefreshSettings, lease: Lease | None, wait: float | None
+            ) -> Iterator[Lease | None]:
+    if lease is not None:
+        yield lease
+        return
+    own = Lease(store, ttl=settings.lease_ttl)
+    if own.acquire(timeout=wait) is None:
+        yield None
+        return
+    own.keep_alive()
+    try:
+        yield own
+    finally:
+        own.release()
+
+
+def _refresh(store: Any, spec: ModelSpec, settings: RefreshSettings, lease: Lease
+             ) -> RefreshOutcome:
+    t0 = time.perf_counter()
+    out = RefreshOutcome("error", token=lease.token, method=(settings.method or spec.method))
+    start = _warm_start(store, spec) if settings.warm_start else None
+    out.start_version = start.version if start is not None else None
+    out.current_version = store.current_model_version()
+
+    stats = read_stats(store, len(spec.columns), settings.chunk)
+    out.read_seconds = time.perf_counter() - t0
+    out.n_groups, out.n_obs = len(stats), float(stats.n.sum())
+
+    t1 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            # the outcome and the record carry these; the log line says them once
+            warnings.simplefilter("ignore", (ConvergenceWarning, SingularFitWarning))
+            result = fit(stats, spec, out.method, start=start.fit if start is not None else None,
+                         ranef=False, **settings.fit_kwargs())
+    except Exception as exc:  # any failure of the fit must leave the current model in place
+        out.status, out.message = "fit_failed", f"{type(exc).__name__}: {exc}"
+        log.debug("refresh fit failed", exc_info=True)
+        return _done(out, t0)
+    finally:
+        out.fit_seconds = time.perf_counter() - t1
+    out.converged, out.criterion = bool(result.converged), float(result.criterion)
+    out.iterations, out.n_evals = result.iterations, result.optsummary.n_evals
+    out.n_groups = result.n_groups
+    if not result.converged:
+        out.status = "not_converged"
+        out.message = f"optimiser stopped: {result.optsummary.message}"
+        return _done(out, t0)
+    if not (math.isfinite(result.criterion) and np.isfinite(result.beta).all()
+            and np.isfinite(result.G).all() and math.isfinite(result.sigma2)):
+        out.status, out.message = "fit_failed", "the fit produced non-finite estimates"
+        return _done(out, t0)
+
+    record = ModelRecord.from_fit(result, spec, fit_seconds=out.fit_seconds)
+    try:
+        data = record.to_json()
+    except (TypeError, ValueError) as exc:  # a record queries could not read must not be current
+        out.status, out.message = "fit_failed", f"the fit cannot be stored as JSON: {exc}"
+        return _done(out, t0)
+    t2 = time.perf_counter()
+    try:
+        out.version = store.put_model(data, fence=lease.token, keep=settings.history)
+    except StaleFenceError as exc:
+        out.status, out.message = "fenced", f"model not written: {exc}"
+        return _done(out, t0)
+    finally:
+        out.write_seconds = time.perf_counter() - t2
+    out.status, out.current_version, out.created_at = "written", out.version, record.created_at
+    return _done(out, t0)
+
+
+def _warm_start(store: Any, spec: ModelSpec) -> ModelRecord | None:
+    """The current model if it is of this spec (a changed config starts cold)."""
+    try:
+        record = current_model(store)
+    except ModelRecordError as exc:
+        log.warning("current model cannot be read (%s); fitting from a cold start", exc)
+        return None
+    if record is None:
+        return None
+    if record.spec != spec:
+        log.info("current model v%d is of another model (%s); fitting from a cold start",
+                 record.version, record.spec.formula)
+        return None
+    return record
+
+
+def _done(out: RefreshOutcome, t0: float) -> RefreshOutcome:
+    out.seconds = time.perf_counter() - t0
+    return out
+
+
+def _report(out: RefreshOutcome) -> None:
+    REFRESH_OUTCOMES.labels(out.status).inc()
+    if out.ok:
+        log.info("refresh wrote model v%d: %d groups, %g events, %s criterion %.6g, "
+                 "%d evaluations, %.2fs (read %.2fs, fit %.2fs)", out.version, out.n_groups,
+                 out.n_obs, out.method, out.criterion, out.n_evals, out.seconds,
+                 out.read_seconds, out.fit_seconds)
+    else:
+        log.error("refresh %s: %s; model v%s stays current", out.status, out.message,
+                  out.current_version)
+
+
+# -- the refresh command --------------------------------------------------------------------
+
+
+def run_refresh(
+    config: Config,
+    once: bool = False,
+    every: float | None = None,
+    *,
+    settings: RefreshSettings | None = None,
+    stop: threading.Event | None = None,
+) -> int:
+    """``streamlme refresh``: the exit status.
+
+    With ``once``, one refresh (waiting for the lease if another refresher holds it); status 0
+    if it wrote a model, 1 if it did not (the reason is logged). Otherwise
+    a leader loop: take the lease, keep renewing it, refresh every ``every`` seconds (default
+    ``[refresh] every``) until SIGTERM/SIGINT or ``stop`` is set; a standby refresher waits for
+    the lease and takes over when the leader stops or dies. Store errors are logged and retried
+    at the next tick; a clean stop returns 0.
+    """
+    from streamlme.stream.app import close_store, make_store
+
+    stop = threading.Event() if stop is None else stop
+    settings = settings or RefreshSettings.from_config(config)
+    period = config.refresh.every if every is None else every
+    store = make_store(config)
+    lease = Lease(store, ttl=settings.lease_ttl)
+    last: RefreshOutcome | None = None
+    try:
+        with _signals_set(stop):
+            while not stop.is_set():
+                if not lease.held:
+                    lease.release()
+                    if lease.acquire(stop=stop) is None:
+                        break
+                    log.info("refresh leader: lease token %d", lease.token)
+                    lease.keep_alive()
+                try:
+                    last = refresh_once(store, config.spec, settings, lease=lease)
+                except (StoreError, RedisError, OSError) as exc:
+                    REFRESH_OUTCOMES.labels("error").inc()
+                    last = RefreshOutcome("error", f"{type(exc).__name__}: {exc}")
+                    log.error("refresh error: %s; model unchanged", last.message)
+                if once:
+                    break
+                stop.wait(period)
+    finally:
+        lease.release()
+        close_store(config, store)
+    if once:
+        return 0 if last is not None and last.ok else 1
+    return 0
+
+
+@contextmanager
+def _signals_set(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM/SIGINT set ``stop`` (only the main thread may install handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after the current refresh", signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# -- the model command ----------------------------------------------------------------------
+
+
+def model_history(store: Any) -> list[dict[str, Any]]:
+    """One row per stored version, oldest first: version, created_at, criterion, n_groups,
+    n_obs, converged, method, current. Unreadable records are listed with an ``error``."""
+    current = store.current_model_version()
+    rows = []
+    for version in store.model_versions():
+        row: dict[str, Any] = {"version": version, "current": version == current}
+        data = store.get_model(version)
+        if data is None:  # trimmed between the two reads
+            continue
+        try:
+            rec = ModelRecord.from_json(data, version=version)
+        except ModelRecordError as exc:
+            rows.append({**row, "error": str(exc)})
+            continue
+        f = rec.fit
+        rows.append({
+            **row, "created_at": rec.created_at, "created_at_iso": rec.to_dict()["created_at_iso"],
+            "method": f.get("method"), "criterion": f.get("criterion"),
+            "n_groups": f.get("n_groups"), "n_obs": f.get("n_obs"),
+            "converged": f.get("converged"), "fit_seconds": rec.fit_seconds,
+        })
+    return rows
+
+
+def rollback(store: Any, version: int) -> ModelRecord:
+    """Make a stored version current again; StoreError if it is not stored (any more)."""
+    data = store.get_model(version)
+    if data is None:
+        stored = store.model_versions()
+        raise StoreError(
+            f"model version {version} is not stored; stored versions: "
+            f"{', '.join(map(str, stored)) or 'none'} (see streamlme model --history)"
+        )
+    record = ModelRecord.from_json(data, version=version)
+    store.set_current(version)
+    return record
+
+
+def model_command(
+    config: Config, *, as_json: bool = False, history: bool = False,
+    rollback_to: int | None = None,
+) -> tuple[int, str]:
+    """``streamlme model``: (exit status, text to print).
+
+    Default: the current model (``--json``: one object, ``streamlme fit --json`` fields plus
+    ``version`` and ``created_at``). ``--history``: one row per version (``--json``: one JSON
+    object per line, oldest first). ``--rollback V``: make V current, then print it. Status 1
+    when there is no model or V is not stored.
+    """
+    import json
+
+    from streamlme.stream.app import close_store, make_store
+
+    store = make_store(config)
+    try:
+        if rollback_to is not None:
+            try:
+                rollback(store, rollback_to)
+            except StoreError as exc:
+                return 1, str(exc)
+        if history:
+            rows = model_history(store)
+            if as_json:
+                return 0, "\n".join(json.dumps(r, allow_nan=False) for r in rows)
+            return 0, format_history(rows)
+        record = current_model(store)
+        if record is None:
+            return 1, "no model yet: run `streamlme refresh --config FILE --once`"
+        return 0, record.to_json() if as_json else format_model(record)
+    finally:
+        close_store(config, store)
+
+
+def format_history(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no model versions stored"
+    lines = [f"{'':1}{'version':>7}  {'created (UTC)':<20}  {'method':<6}  {'criterion':>14}  "
+             f"{'groups':>8}  {'events':>12}  converged"]
+    for r in rows:
+        mark = "*" if r["current"] else " "
+        if "error" in r:
+            lines.append(f"{mark}{r['version']:>7}  unreadable: {r['error']}")
+            continue
+        lines.append(
+            f"{mark}{r['version']:>7}  {r['created_at_iso']:<20}  {r['method']:<6}  "
+            f"{r['criterion']:>14.6f}  {r['n_groups']:>8}  {r['n_obs']:>12g}  "
+            f"{'yes' if r['converged'] else 'no'}"
+        )
+    return "\n".join(lines)
+
+
+def format_model(record: ModelRecord) -> str:
+    f = record.fit
+    lines = [
+        f"model version {record.version}, created {record.to_dict()['created_at_iso']}, "
+        f"{record.spec.formula}",
+        f"{f['method']} criterion {f['criterion']:.6f}, {f['n_obs']:g} events, "
+        f"{f['n_groups']} groups, {'converged' if f['converged'] else 'NOT converged'}",
+        "",
+        f"{'':<14}{'Estimate':>12}{'Std. Error':>12}",
+    ]
+    lines += [f"{name:<14}{f['beta'][name]:>12.6g}{f['beta_se'][name]:>12.6g}"
+              for name in f["fixed"]]
+    lines += ["", f"G ({', '.join(f['random'])}):"]
+    lines += ["  " + " ".join(f"{v:>12.6g}" for v in row) for row in f["G"]]
+    lines.append(f"sigma2: {f['sigma2']:.6g}")
+    return "\n".join(lines)
