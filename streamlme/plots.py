@@ -403,16 +403,19 @@ def store_figure(kind: str, store: Any, *, term: int | str = 0, top: int | None 
     every group's statistics (shrinkage, caterpillar), or every stored model version (trace)."""
     if kind not in KINDS:
         raise PlotError(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
+    from streamlme.refresh import current_model, read_stats
+
     if kind == "trace":
         records = [ModelRecord.from_json(data, version=v) for v in store.model_versions()
                    if (data := store.get_model(v)) is not None]
         return trace_plot(records, x=x)
-    data, version = store.get_model(), store.current_model_version()
-    if data is None or version is None:
+    model = current_model(store)
+    if model is None:
         raise PlotError("the store holds no model yet; "
                         "run a refresh first (streamlme refresh --config FILE --once)")
-    model = ModelRecord.from_json(data, version=version)
-    stats = _read_stats(store, model.spec)
+    stats = read_stats(store, len(model.spec.columns))
+    if not len(stats):
+        raise PlotError("the store holds no group statistics; consume some events first")
     if kind == "shrinkage":
         return shrinkage_plot(stats, model.spec, model)
     return caterpillar_plot(stats, model.spec, model, term=term, top=top)
@@ -443,19 +446,6 @@ def plot_command(kind: str, config_path: str | os.PathLike[str] | None,
         if client is not None:
             client.close()
     return save(fig, out_path)
-
-
-def _read_stats(store: Any, spec: ModelSpec) -> GroupStats:
-    parts = list(store.scan())
-    if not parts:
-        raise PlotError("the store holds no group statistics; consume some events first")
-    stats = GroupStats(
-        [k for p in parts for k in p.keys], np.concatenate([p.n for p in parts]),
-        np.concatenate([p.mean for p in parts]), np.concatenate([p.C for p in parts]),
-        np.concatenate([p.t for p in parts]),
-    )
-    _check_stats(stats, spec)
-    return stats
 
 
 def _check_stats(stats: GroupStats, spec: ModelSpec) -> None:
