@@ -148,6 +148,27 @@ def publish(path: str, config_path: str, no_progress: bool) -> None:
 
 
 @main.command()
+@click.argument("kind", type=click.Choice(["shrinkage", "caterpillar", "trace"]))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
+@click.option("--term", default="0", show_default=True,
+              help="caterpillar: the random term, by name or index.")
+@click.option("--top", type=int, default=None, help="caterpillar: only the N largest effects.")
+def plot(kind: str, config_path: str, out: str, term: str, top: int | None) -> None:
+    """Plot the current model: shrinkage, caterpillar (effects with 95% intervals), or the trace
+    of variance components across model versions."""
+    from streamlme.config import ConfigError
+    from streamlme.plots import PlotError, plot_command
+
+    try:
+        path = plot_command(kind, config_path, out, term=int(term) if term.isdigit() else term,
+                            top=top)
+    except (PlotError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(str(path))
+
+
+@main.command()
 @click.option("--groups", type=int, default=200, show_default=True)
 @click.option("--events", type=int, default=100_000, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
