@@ -174,6 +174,9 @@ class Lease:
         if self.token is not None:
             try:
                 self.store.release_lease(self.owner, self.token)
+            except Exception:  # best effort: the ttl frees it anyway
+                log.warning("could not release the refresh lease; it expires within %gs",
+                            self.ttl, exc_info=True)
             finally:
                 self.token = None
 

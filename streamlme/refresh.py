@@ -293,8 +293,9 @@ def _report(out: RefreshOutcome) -> None:
                  out.n_obs, out.method, out.criterion, out.n_evals, out.seconds,
                  out.read_seconds, out.fit_seconds)
     else:
-        log.error("refresh %s: %s; model v%s stays current", out.status, out.message,
-                  out.current_version)
+        current = "none yet" if out.current_version is None else f"v{out.current_version}"
+        log.error("refresh %s: %s; the current model (%s) stays", out.status, out.message,
+                  current)
 
 
 # -- the refresh command --------------------------------------------------------------------
@@ -307,15 +308,17 @@ def run_refresh(
     *,
     settings: RefreshSettings | None = None,
     stop: threading.Event | None = None,
+    wait: float | None = None,
 ) -> int:
     """``streamlme refresh``: the exit status.
 
-    With ``once``, one refresh (waiting for the lease if another refresher holds it); status 0
-    if it wrote a model, 1 if it did not (the reason is logged). Otherwise
-    a leader loop: take the lease, keep renewing it, refresh every ``every`` seconds (default
-    ``[refresh] every``) until SIGTERM/SIGINT or ``stop`` is set; a standby refresher waits for
-    the lease and takes over when the leader stops or dies. Store errors are logged and retried
-    at the next tick; a clean stop returns 0.
+    With ``once``, one refresh, waiting for the lease while another refresher holds it (at most
+    ``wait`` seconds; None: as long as it takes); status 0 if it wrote a model, 1 if it did not
+    (the reason is logged). Otherwise a leader loop: take the lease, keep renewing it, refresh
+    every ``every`` seconds (default ``[refresh] every``) until SIGTERM/SIGINT or ``stop`` is
+    set; a standby refresher waits for the lease and takes over when the leader stops or dies.
+    Store errors (Redis restarting) are logged and retried at the next tick; a clean stop
+    returns 0.
     """
     from streamlme.stream.app import close_store, make_store
 
@@ -328,18 +331,20 @@ def run_refresh(
     try:
         with _signals_set(stop):
             while not stop.is_set():
-                if not lease.held:
-                    lease.release()
-                    if lease.acquire(stop=stop) is None:
-                        break
-                    log.info("refresh leader: lease token %d", lease.token)
-                    lease.keep_alive()
                 try:
+                    if not lease.held:
+                        lease.release()
+                        if lease.acquire(timeout=wait if once else None, stop=stop) is None:
+                            if not stop.is_set():
+                                last = RefreshOutcome("no_lease", f"lease busy for {wait:g}s")
+                                _report(last)
+                            break
+                        log.info("refresh leader: lease token %d", lease.token)
+                        lease.keep_alive()
                     last = refresh_once(store, config.spec, settings, lease=lease)
                 except (StoreError, RedisError, OSError) as exc:
-                    REFRESH_OUTCOMES.labels("error").inc()
                     last = RefreshOutcome("error", f"{type(exc).__name__}: {exc}")
-                    log.error("refresh error: %s; model unchanged", last.message)
+                    _report(last)
                 if once:
                     break
                 stop.wait(period)

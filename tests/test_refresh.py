@@ -379,6 +379,46 @@ def test_leader_loop_fails_over_to_the_standby(redis_config, redis_url, namespac
     assert codes == {0: 0, 1: 0} and store.lease_holder() is None
 
 
+def test_a_one_shot_refresh_gives_up_after_waiting(redis_config, redis_url, namespace):
+    config = load_config(redis_config)
+    store = RedisStore(redis_url, namespace, columns=SPEC.columns)
+    store.merge(batch(0, 500))
+    with Lease(store, ttl=5):
+        before = outcome_count("no_lease")
+        assert run_refresh(config, once=True, wait=0.3) == 1
+        assert outcome_count("no_lease") == before + 1
+    assert store.model_versions() == []
+    assert run_refresh(config, once=True, wait=0.3) == 0
+
+
+def test_the_leader_loop_survives_a_redis_restart(tmp_path, redis_server_factory):
+    server = redis_server_factory()
+    path = write_config(tmp_path / "private.toml", SPEC,
+                        redis={"url": server.url, "namespace": "restart"})
+    with path.open("a") as f:
+        f.write('[refresh]\nevery = "0.1s"\n')
+    config = load_config(path)
+    store = RedisStore(server.url, "restart", columns=SPEC.columns)
+    store.merge(batch(0, 500))
+    stop, codes = threading.Event(), []
+    loop = threading.Thread(target=lambda: codes.append(run_refresh(
+        config, settings=RefreshSettings.from_config(config, lease_ttl=1.0), stop=stop)))
+    loop.start()
+    try:
+        wait_until(lambda: (store.current_model_version() or 0) >= 2)
+        server.stop(kill=True)  # no persistence: statistics, models and lease are gone
+        time.sleep(0.5)
+        server.start()
+        store = RedisStore(server.url, "restart", columns=SPEC.columns)
+        store.merge(batch(0, 500))
+        wait_until(lambda: (store.current_model_version() or 0) >= 2)
+        assert store.lease_holder() is not None
+    finally:
+        stop.set()
+        loop.join(timeout=15)
+    assert codes == [0] and store.lease_holder() is None
+
+
 def test_sigterm_stops_the_refresh_loop_and_frees_the_lease(redis_config, redis_url, namespace):
     store = RedisStore(redis_url, namespace, columns=SPEC.columns)
     store.merge(batch(0, 500))
