@@ -89,10 +89,18 @@ class PLSState:
             d += 2.0 * float(np.sum(np.log(np.abs(np.diag(self.R_X)))))
         return float(d)
 
+    def factors(self) -> tuple[Array, Array]:
+        """(L, RZXy), which per-group results need."""
+        if self.L is None or self.RZXy is None:
+            raise ValueError("this state was evaluated with factors=False; "
+                             "call evaluate(cp, Lam, reml) to keep the per-group factors")
+        return self.L, self.RZXy
+
     def spherical_effects(self) -> Array:
         """u_j = L_j^-T (c_u,j - R_ZX,j beta), shape (G, q)."""
-        rhs = self.RZXy[:, :, -1] - self.RZXy[:, :, :-1] @ self.beta
-        return solve_lower_t(self.L, rhs[:, :, None])[:, :, 0]
+        L, RZXy = self.factors()
+        rhs = RZXy[:, :, -1] - RZXy[:, :, :-1] @ self.beta
+        return solve_lower_t(L, rhs[:, :, None])[:, :, 0]
 
     def conditional_modes(self) -> Array:
         """b_j = Lambda u_j, shape (G, q)."""
@@ -101,7 +109,8 @@ class PLSState:
     def conditional_variances(self) -> Array:
         """sigma^2 Lambda P_j^-1 Lambda' (lme4's condVar), shape (G, q, q)."""
         q = self.Lam.shape[0]
-        LinvLamT = solve_lower(self.L, np.broadcast_to(self.Lam.T, (self.L.shape[0], q, q)))
+        L, _ = self.factors()
+        LinvLamT = solve_lower(L, np.broadcast_to(self.Lam.T, (L.shape[0], q, q)))
         return self.sigma2 * np.einsum("gki,gkj->gij", LinvLamT, LinvLamT)
 
 
