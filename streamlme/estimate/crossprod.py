@@ -145,8 +145,10 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
     # z_s = z_c / s for random covariates: b_c = diag(1/s) b_s
     z_scale = np.array([1.0 if t == INTERCEPT else 1.0 / scale[cols.index(t)]
                         for t in spec.random])
-    ZtZ = _block(stats.n, e, stats.C, iz, iz) * z_scale[None, :, None] * z_scale[None, None, :]
-    ZtXy = _block(stats.n, e, stats.C, iz, ixy) * z_scale[None, :, None]
+    # C-contiguous: the compiled per-group passes walk these arrays row by row
+    ZtZ = np.ascontiguousarray(
+        _block(stats.n, e, stats.C, iz, iz) * z_scale[None, :, None] * z_scale[None, None, :])
+    ZtXy = np.ascontiguousarray(_block(stats.n, e, stats.C, iz, ixy) * z_scale[None, :, None])
     e_pool = np.concatenate([[1.0], M - r])
     XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
     _check_rank(XyXy[:p, :p], spec)

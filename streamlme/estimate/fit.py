@@ -61,8 +61,6 @@ def fit(
     if method not in ("REML", "ML"):
         raise ValueError(f"method {method!r} is not one of REML, ML, EM")
     cp = cross_products(stats, spec)
-    # the compiled per-group passes stream these arrays once per evaluation; lay them out for it
-    cp.ZtZ, cp.ZtXy = np.ascontiguousarray(cp.ZtZ), np.ascontiguousarray(cp.ZtXy)
     par = Parametrisation(cp.q, spec.covariance, cp.T_Z, cp.z_scale)
     theta0 = _start_theta(par, start)
     reml = method == "REML"
