@@ -41,12 +41,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
 
 from streamlme.config import Config
 from streamlme.estimate import ConvergenceWarning, SingularFitWarning, fit
 from streamlme.lease import DEFAULT_TTL, Lease
+from streamlme.metrics import MODEL_VERSION, REFRESH_DURATION
+from streamlme.metrics import REFRESH_OUTCOMES_TOTAL as REFRESH_OUTCOMES
 from streamlme.model import ModelRecord, ModelRecordError
 from streamlme.spec import ModelSpec
 from streamlme.stats import GroupStats
@@ -54,18 +55,8 @@ from streamlme.store.errors import StaleFenceError, StoreError
 
 log = logging.getLogger(__name__)
 
-REFRESH_DURATION = Histogram(
-    "streamlme_refresh_duration_seconds",
-    "Wall time of one refresh: read statistics, fit, write the model",
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-)
-REFRESH_OUTCOMES = Counter(
-    "streamlme_refresh_outcomes",
-    "Refreshes by outcome: written, fit_failed, not_converged, fenced, no_lease, error",
-    ["outcome"],
-)
-
-#: Outcomes, in the order a refresh can end.
+#: Values of the ``outcome`` label of REFRESH_OUTCOMES (``streamlme_refresh_outcomes_total``);
+#: the duration of every attempt goes to REFRESH_DURATION. Both live in `streamlme.metrics`.
 OUTCOMES = ("written", "fit_failed", "not_converged", "fenced", "no_lease", "error")
 
 
@@ -288,6 +279,7 @@ def _done(out: RefreshOutcome, t0: float) -> RefreshOutcome:
 def _report(out: RefreshOutcome) -> None:
     REFRESH_OUTCOMES.labels(out.status).inc()
     if out.ok:
+        MODEL_VERSION.set(out.version)
         log.info("refresh wrote model v%d: %d groups, %g events, %s criterion %.6g, "
                  "%d evaluations, %.2fs (read %.2fs, fit %.2fs)", out.version, out.n_groups,
                  out.n_obs, out.method, out.criterion, out.n_evals, out.seconds,
@@ -342,6 +334,8 @@ def run_refresh(
                         log.info("refresh leader: lease token %d", lease.token)
                         lease.keep_alive()
                     last = refresh_once(store, config.spec, settings, lease=lease)
+                    if last.status == "fenced":
+                        lease.lost.set()  # take the lease again before the next attempt
                 except (StoreError, RedisError, OSError) as exc:
                     last = RefreshOutcome("error", f"{type(exc).__name__}: {exc}")
                     _report(last)

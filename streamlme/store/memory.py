@@ -225,12 +225,11 @@ class MemoryStore:
             raise StoreError(f"keep must be at least 1, got {keep}")
         with self._lock:
             if fence is not None:
-                if self._lease_seq:
-                    held = self._live_lease()
-                    if held is None or held[1] != fence:
-                        why = (f"the lease is held with token {held[1]}" if held is not None
-                               else "the lease expired or was released")
-                        raise StaleFenceError(f"token {fence} is not the lease: {why}")
+                held = self._live_lease()
+                if held is None or held[1] != fence:
+                    why = (f"the lease is held with token {held[1]}" if held is not None
+                           else "the lease expired or was released")
+                    raise StaleFenceError(f"token {fence} is not the lease: {why}")
                 if self._fence is not None and self._fence > fence:
                     raise StaleFenceError(f"token {fence} is older than {self._fence}")
                 self._fence = int(fence)

@@ -12,7 +12,7 @@
 --         "holder":                                    -> {holder, ms left} or {} if free
 --
 -- Fencing: a put carrying a token is refused unless the lease is held right now with that token
--- (once any lease was issued in this namespace) and no larger token was used before. Checking
+-- and no larger token was used before (a put without a token is not checked). Checking
 -- the lease here, in the same script that writes, is what stops a leader whose lease expired
 -- mid-fit even when nobody has taken the lease since. Tokens only grow: acquire takes the next
 -- one from the counter, never below a token a put has already shown.
@@ -28,13 +28,11 @@ if op == 'put' then
   local fence = ARGV[3]
   if fence ~= '' then
     local token = tonumber(fence)
-    if redis.call('EXISTS', KEYS[6]) == 1 then
-      local held = holder_token(redis.call('GET', KEYS[5]))
-      if held ~= token then
-        local why = held and ('the lease is held with token ' .. held)
-          or 'the lease expired or was released'
-        return redis.error_reply('STALE_FENCE token ' .. fence .. ' is not the lease: ' .. why)
-      end
+    local held = holder_token(redis.call('GET', KEYS[5]))
+    if held ~= token then
+      local why = held and ('the lease is held with token ' .. held)
+        or 'the lease expired or was released'
+      return redis.error_reply('STALE_FENCE token ' .. fence .. ' is not the lease: ' .. why)
     end
     local seen = redis.call('GET', KEYS[4])
     if seen and tonumber(seen) > token then

@@ -281,8 +281,8 @@ class RedisStore:
 
         ``fence`` is the writer's lease token (`acquire_lease`): the put raises StaleFenceError
         and stores nothing unless the lease is held with that token right now and no larger
-        token was used before. (In a namespace where no lease was ever issued, tokens are only
-        checked to grow.) ``keep`` versions are kept (default ``model_history``).
+        token was used before. Without ``fence`` nothing is checked (an operator's manual put).
+        ``keep`` versions are kept (default ``model_history``).
         """
         keep = self.model_history if keep is None else keep
         if keep < 1:
