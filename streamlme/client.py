@@ -426,10 +426,13 @@ class Client:
                 raise ValueError(f"row[{c!r}] = {row[c]!r} is not finite")
         rec = kernel.record
         b = np.array([eff.effect[name] for name in kernel.names])
-        mu, se, lo, hi = _predict(spec, rec.beta, rec.beta_cov, rec.sigma2, b,
-                                  np.array(eff.cov), values, level)
         x = [1.0 if t == INTERCEPT else values[t] for t in spec.fixed]
-        fixed = float(np.dot(x, rec.beta))
+        with np.errstate(over="ignore", invalid="ignore"):
+            mu, se, lo, hi = _predict(spec, rec.beta, rec.beta_cov, rec.sigma2, b,
+                                      np.array(eff.cov), values, level)
+            fixed = float(np.dot(x, rec.beta))
+        if not all(map(math.isfinite, (mu, se, lo, hi, fixed))):
+            raise ValueError(f"row {values} is too far out of range: the prediction overflows")
         return Prediction(group, mu, fixed, mu - fixed, se, lo, hi, level, eff.model_version,
                           eff.known)
 

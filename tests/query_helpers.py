@@ -14,7 +14,7 @@ from streamlme.spec import INTERCEPT
 #: Fixed 1 + x + z, random 1 + x: a fixed covariate outside the random part too.
 SPEC = ModelSpec("y", ["1", "x", "z"], ["1", "x"], "g")
 #: Ids that need encoding in keys and in URL paths.
-ODD_GROUPS = ["ward 3/{icu}:é", "a/b", "100%", "?x=1#frag", "  spaced  ", "A17"]
+ODD_GROUPS = ["ward 3/{icu}:é", "a/b", "100%", "?x=1#frag", "  spaced  ", "line\nbreak", "A17"]
 
 
 def make_rows(seed: int, n_groups: int = 40, n_rows: int = 1200, spec: ModelSpec = SPEC,

@@ -190,6 +190,8 @@ def test_predict_is_fixed_plus_group_part_with_an_interval(store, redis_url, nam
         client.predict("g4", {"x": "a", "z": 1.0})
     with pytest.raises(ValueError, match="not finite"):
         client.predict("g4", {"x": float("nan"), "z": 1.0})
+    with pytest.raises(ValueError, match="overflows"):
+        client.predict("g4", {"x": 1e300, "z": 1.0})
     with pytest.raises(ValueError, match="level"):
         client.predict("g4", {"x": 1.0, "z": 1.0}, level=1.0)
 

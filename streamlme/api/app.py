@@ -40,24 +40,42 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Security
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.convertors import Convertor, register_url_convertor
 
 from streamlme import __version__
 from streamlme.api import errors, schemas
 from streamlme.client import Client, ModelNotReady
 from streamlme.config import Config
 from streamlme.metrics import CONTENT_TYPE, MODEL_AGE, MODEL_VERSION, QUERY_LATENCY, metrics_text
+from streamlme.spec import ModelSpec
 
 TOKEN_ENV = "STREAMLME_API_TOKEN"
 #: Seconds the API waits for Redis (connect, each reply) before answering 503.
 REDIS_TIMEOUT = 1.0
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": schemas.Error, "description": "A body that cannot be parsed."},
     401: {"model": schemas.Error, "description": "Missing or wrong bearer token."},
     422: {"model": schemas.Error, "description": "Invalid request."},
     503: {"model": schemas.Error, "description": "No model yet, or the store cannot answer."},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": schemas.Error, "description": "No such model version."}}
+
+
+class _GroupConvertor(Convertor[str]):
+    """Like Starlette's ``path`` (slashes allowed), and newlines too: any group id routes."""
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("group", _GroupConvertor())
 
 
 def _json(obj: Any, status: int = 200) -> Response:
@@ -86,8 +104,14 @@ def _auth(token: str | None) -> Any:
     return check
 
 
-def build_app(client: Client, token: str | None = None) -> FastAPI:
-    """The app over an existing Client; ``token`` None means no authentication."""
+def build_app(client: Client, token: str | None = None, spec: ModelSpec | None = None) -> FastAPI:
+    """The app over an existing Client; ``token`` None means no authentication.
+
+    With the model's ``spec``, the schema of ``POST /v1/predict`` names the covariates a row
+    needs; without it a row is any map of names to numbers.
+    """
+    predict_request = (schemas.predict_request_for(spec.covariates) if spec is not None
+                       else schemas.PredictRequest)
     app = FastAPI(
         title="streamlme", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
         description="Group effects on demand from a linear mixed model kept live over an "
@@ -97,7 +121,7 @@ def build_app(client: Client, token: str | None = None) -> FastAPI:
     app.state.client = client
     guarded = APIRouter(dependencies=[Depends(_auth(token))], responses=_ERRORS)
 
-    @guarded.get("/v1/groups/{group:path}/effect", response_model=schemas.Effect,
+    @guarded.get("/v1/groups/{group:group}/effect", response_model=schemas.Effect,
                  summary="One group's current effect")
     async def group_effect(
         group: Annotated[str, Path(description="The group id, percent-encoded.", min_length=1)],
@@ -117,10 +141,11 @@ def build_app(client: Client, token: str | None = None) -> FastAPI:
 
     @guarded.post("/v1/predict", response_model=schemas.Prediction,
                   summary="Predict a new row of a group, with an interval")
-    async def predict(body: schemas.PredictRequest) -> Response:
+    async def predict(body: predict_request) -> Response:  # type: ignore[valid-type]
         start = time.perf_counter()
+        row = body.row if isinstance(body.row, dict) else body.row.model_dump(by_alias=True)
         try:
-            pred = client.predict(body.group, body.row, body.level)
+            pred = client.predict(body.group, row, body.level)
         except ValueError as exc:
             if isinstance(exc, errors.KeyNameError):
                 raise
@@ -197,7 +222,7 @@ def api_token(config: Config) -> str | None:
 
 def create_app(config: Config) -> FastAPI:
     """The app for a configuration (its store, its token)."""
-    return build_app(Client(config, timeout=REDIS_TIMEOUT), api_token(config))
+    return build_app(Client(config, timeout=REDIS_TIMEOUT), api_token(config), config.spec)
 
 
 def serve(config: Config, access_log: bool = False) -> None:

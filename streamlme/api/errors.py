@@ -3,6 +3,7 @@
 =======================================  ======  ===================
 raised                                   status  ``error``
 =======================================  ======  ===================
+body that is not JSON at all             400     bad_request
 request that fails validation            422     invalid_request
 group id that cannot name a key          422     invalid_group
 row the model cannot use (predict)       422     invalid_row

@@ -6,9 +6,10 @@ Response shapes are public contracts, like the CLI's JSON: an effect is exactly 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from streamlme.store.keys import MAX_GROUP_BYTES
 
@@ -51,6 +52,19 @@ class PredictRequest(BaseModel):
         description="Covariate values of the new row; every fixed and random covariate is needed.",
         examples=[{"age": 61.0}])
     level: float = Field(0.95, gt=0.0, lt=1.0, description="Coverage of the interval.")
+
+
+def predict_request_for(covariates: Sequence[str]) -> type[PredictRequest]:
+    """A `PredictRequest` whose ``row`` names the model's covariates, each required and finite.
+
+    The schema then tells clients (and schemathesis) what a row needs; other keys are allowed
+    and ignored, so a stored event can be sent as it is.
+    """
+    fields: dict[str, Any] = {
+        f"c{i}": (Finite, Field(alias=name)) for i, name in enumerate(covariates)}
+    row = create_model("Row", __config__=ConfigDict(extra="allow"), **fields)
+    return create_model("PredictRequest", __base__=PredictRequest,
+                        row=(row, Field(description="The new row's covariates.")))
 
 
 class Prediction(BaseModel):
