@@ -41,8 +41,8 @@ from prometheus_client import multiprocess as _multiprocess
 #: Content type of `metrics_text`'s output.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-#: Values of the ``outcome`` label of `REFRESH_OUTCOMES_TOTAL`.
-REFRESH_OUTCOMES = ("written", "failed", "not_converged", "fenced", "skipped")
+#: Values of the ``outcome`` label of `REFRESH_OUTCOMES_TOTAL` (`streamlme.refresh.OUTCOMES`).
+REFRESH_OUTCOMES = ("written", "fit_failed", "not_converged", "fenced", "no_lease", "error")
 
 EVENTS_INGESTED = Counter(
     "streamlme_events_ingested", "Events folded into the per-group statistics.")
