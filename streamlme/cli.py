@@ -148,6 +148,49 @@ def publish(path: str, config_path: str, no_progress: bool) -> None:
 
 
 @main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--once", is_flag=True,
+              help="Refresh once and exit (cron); exit 1 if no model was written.")
+@click.option("--every", default=None, help='Period, e.g. "60s" (default: [refresh] every).')
+@click.option("--wait", default=None,
+              help="With --once: give up after waiting this long for the lease.")
+def refresh(config_path: str, once: bool, every: str | None, wait: str | None) -> None:
+    """Re-estimate the model from every group's statistics and write a new model version.
+
+    Only the holder of the refresh lease writes; a second refresher waits as a standby. A fit
+    that fails or does not converge never replaces the current model."""
+    from streamlme.config import ConfigError, parse_duration
+    from streamlme.refresh import run_refresh
+
+    if once and every:
+        raise click.UsageError("--once and --every exclude each other")
+    cfg = _load(config_path)
+    _logging()
+    try:
+        period = parse_duration(every) if every else None
+        patience = parse_duration(wait) if wait else None
+    except (ValueError, ConfigError) as exc:
+        raise click.BadParameter(str(exc)) from exc
+    sys.exit(run_refresh(cfg, once=once, every=period, wait=patience))
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (fit --json fields).")
+@click.option("--history", is_flag=True, help="List stored versions.")
+@click.option("--rollback", "rollback_to", type=int, default=None, metavar="V",
+              help="Make version V the current model.")
+def model(config_path: str, as_json: bool, history: bool, rollback_to: int | None) -> None:
+    """Show the current model, the version history, or roll back to an older version."""
+    from streamlme.refresh import model_command
+
+    status, text = model_command(_load(config_path), as_json=as_json, history=history,
+                                 rollback_to=rollback_to)
+    click.echo(text, err=status != 0)
+    sys.exit(status)
+
+
+@main.command()
 @click.argument("kind", type=click.Choice(["shrinkage", "caterpillar", "trace"]))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")

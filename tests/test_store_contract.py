@@ -337,10 +337,16 @@ def test_model_versions(make_store):
 
 def test_model_fencing_refuses_a_deposed_writer(make_store):
     store = make_store()
-    assert store.put_model(b"leader 1", fence=1) == 1
-    assert store.put_model(b"leader 2", fence=2) == 2
-    with pytest.raises(StaleFenceError):
-        store.put_model(b"late leader 1", fence=1)
+    t1 = store.acquire_lease("one", 5.0)
+    assert store.put_model(b"leader 1", fence=t1) == 1
+    assert store.release_lease("one", t1)
+    t2 = store.acquire_lease("two", 5.0)
+    assert t2 > t1 and store.put_model(b"leader 2", fence=t2) == 2
+    with pytest.raises(StaleFenceError, match="not the lease"):
+        store.put_model(b"late leader 1", fence=t1)
     assert store.get_model() == b"leader 2" and store.model_versions() == [1, 2]
-    assert store.put_model(b"leader 2 again", fence=2) == 3
-    assert store.put_model(b"unfenced") == 4  # writers without a lease are not checked
+    assert store.put_model(b"leader 2 again", fence=t2) == 3
+    assert store.release_lease("two", t2)
+    with pytest.raises(StaleFenceError, match="expired or was released"):
+        store.put_model(b"leader 2 after letting go", fence=t2)
+    assert store.put_model(b"unfenced") == 4  # a put without a token is not checked

@@ -45,9 +45,10 @@ def test_every_key_of_a_namespace_is_in_one_cluster_slot(redis_url, namespace):
     store = RedisStore(redis_url, namespace, columns=["x", "y"])
     store.merge(GroupStats.from_rows(WEIRD_IDS, np.ones((len(WEIRD_IDS), 2))),
                 offsets={("events", 0): OffsetRange(0, 1)})
-    store.put_model(b"m", fence=1)
+    store.put_model(b"m", fence=store.acquire_lease("writer", 60.0))
     keys = namespace_keys(store)
-    assert len(keys) == len(WEIRD_IDS) + 7  # groups, registry, offsets, meta, 4 model keys
+    # groups, registry, offsets, meta, 4 model keys, lease and its token counter
+    assert len(keys) == len(WEIRD_IDS) + 9
     assert {key_slot(k) for k in keys} == {key_slot(namespace.encode())}
     prefix = store.keys.group_prefix.encode()
     groups = sorted(decode_group(k[len(prefix):]) for k in keys if k.startswith(prefix))

@@ -121,7 +121,7 @@ def minimise_deviance(
     g = g / scale[0]
     free = ~((theta <= par.lower + 1e-12) & (g > 0))
     gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
-    converged = bool(opt.success) or gnorm < np.sqrt(tol)
+    converged = bool(opt.success or gnorm < np.sqrt(tol))
     info = {"n_evals": len(seen), "iterations": int(opt.nit), "converged": converged,
             "message": str(opt.message), "gradient_norm": gnorm * scale[0], "state": st}
     return theta, info
