@@ -1,7 +1,7 @@
 """The HTTP API: group effects, predictions and models over `streamlme.client.Client`.
 
-``streamlme serve --config FILE`` runs `serve`; `create_app` builds the ASGI app for any other
-server (``uvicorn --factory``, gunicorn with uvicorn workers, tests).
+``streamlme serve --config FILE`` runs `serve` (one uvicorn process); `create_app` builds the
+ASGI app for tests or another server setup.
 
 Routes (all JSON; errors are `streamlme.api.schemas.Error` bodies, see `streamlme.api.errors`):
 
