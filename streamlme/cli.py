@@ -191,6 +191,44 @@ def model(config_path: str, as_json: bool, history: bool, rollback_to: int | Non
 
 
 @main.command()
+@click.argument("groups", nargs=-1, required=True)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per group, in the order asked.")
+def effect(groups: tuple[str, ...], config_path: str, as_json: bool) -> None:
+    """The current offset (BLUP) of each GROUP, with its covariance and shrinkage.
+
+    Computed from the group's running statistics and the current model; a group never seen
+    gets zeros, the prior covariance G and "known": false."""
+    from redis.exceptions import RedisError
+
+    from streamlme.client import ModelNotReady, effect_lines
+    from streamlme.config import ConfigError
+    from streamlme.stats import StatsError
+    from streamlme.store.errors import StoreError
+    from streamlme.store.keys import KeyNameError
+
+    try:
+        lines = effect_lines(config_path, list(groups), as_json=as_json)
+    except (ModelNotReady, ConfigError, KeyNameError, StoreError, StatsError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except RedisError as exc:
+        raise click.ClickException(f"Redis: {exc}") from exc
+    for line in lines:
+        click.echo(line)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def serve(config_path: str) -> None:
+    """The HTTP API: group effects, predictions, models, health and Prometheus metrics."""
+    from streamlme.api.app import serve as run_server
+
+    cfg = _load(config_path)
+    _logging()
+    run_server(cfg)
+
+
+@main.command()
 @click.argument("kind", type=click.Choice(["shrinkage", "caterpillar", "trace"]))
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
@@ -215,12 +253,18 @@ def plot(kind: str, config_path: str, out: str, term: str, top: int | None) -> N
 @click.option("--groups", type=int, default=200, show_default=True)
 @click.option("--events", type=int, default=100_000, show_default=True)
 @click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--out", default="streamlme-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the events, the embedded state and the plots.")
+@click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
+              help="Run through this configuration's Kafka and Redis instead of the embedded store.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def demo(groups: int, events: int, seed: int, as_json: bool) -> None:
-    """Stream a simulated hospital length-of-stay data set through the embedded engine."""
+def demo(groups: int, events: int, seed: int, out: str, config_path: str | None,
+         as_json: bool) -> None:
+    """Stream a simulated hospital length-of-stay data set through the consumer and the refresh."""
     from streamlme.demo import run_demo
 
-    report = run_demo(n_groups=groups, n_events=events, seed=seed, echo=not as_json)
+    report = run_demo(n_groups=groups, n_events=events, seed=seed, out=out,
+                      config_path=config_path, echo=not as_json)
     if as_json:
         emit_json(report)
 
