@@ -74,8 +74,11 @@ def assert_stats_close(got: GroupStats, want: GroupStats, rtol: float = 1e-10) -
     np.testing.assert_allclose(got.mean, want.mean, rtol=rtol, atol=rtol * m_scale)
     # Means near 1e6 are rounded to ~1e-10 absolute, and that rounding enters C through the
     # merge's mean difference, scaled by n |delta|: judge C against that as well.
-    delta = float(np.sqrt(np.abs(np.diagonal(want.C, axis1=1, axis2=2)).max() / want.n.min()))
-    rounding = 10 * np.finfo(float).eps / rtol  # ten ulps of the means, in units of rtol
+    live = want.n > 0
+    spread = np.abs(np.diagonal(want.C, axis1=1, axis2=2))[live].max(initial=0.0)
+    delta = float(np.sqrt(spread / want.n[live].min())) if live.any() else 0.0
+    # ten ulps of the means, in units of rtol (an exact comparison, rtol = 0, needs none)
+    rounding = 10 * np.finfo(float).eps / rtol if rtol > 0 else 0.0
     c_scale = max(1.0, float(np.abs(want.C).max()), want.n.max() * m_scale * delta * rounding)
     np.testing.assert_allclose(got.C, want.C, rtol=rtol, atol=rtol * c_scale)
 
