@@ -28,6 +28,18 @@ import redis
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
 
+class CountingRedis(redis.Redis):
+    """A real client that remembers which commands it sent (to count round trips)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.commands: list[str] = []
+
+    def execute_command(self, *args: object, **options: object) -> object:
+        self.commands.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+
 def _answers(url: str, timeout: float = 0.5) -> bool:
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)

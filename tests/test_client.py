@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import redis
+from fixtures_redis import CountingRedis
 from query_helpers import (
     ODD_GROUPS,
     SPEC,
@@ -27,18 +27,6 @@ from streamlme.stats import StatsError
 from streamlme.store import KeyNameError, MemoryStore, RedisStore
 
 EFFECT_KEYS = ["group", "n", "effect", "cov", "shrinkage", "model_version", "known"]
-
-
-class CountingRedis(redis.Redis):
-    """A real client that remembers which commands it sent."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.commands: list[str] = []
-
-    def execute_command(self, *args: object, **options: object) -> object:
-        self.commands.append(str(args[0]))
-        return super().execute_command(*args, **options)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import string
 import numpy as np
 import pytest
 import redis
+from fixtures_redis import CountingRedis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.crc import key_slot
@@ -15,18 +16,6 @@ from test_store_contract import WEIRD_IDS, assert_stats_close, random_rows
 from streamlme.stats import GroupStats
 from streamlme.store import KeyNameError, OffsetRange, RedisStore, StoreError
 from streamlme.store.keys import MAX_GROUP_BYTES, decode_group, encode_group
-
-
-class CountingRedis(redis.Redis):
-    """A real client that remembers which commands it sent."""
-
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)
-        self.commands: list[str] = []
-
-    def execute_command(self, *args: object, **options: object) -> object:
-        self.commands.append(str(args[0]))
-        return super().execute_command(*args, **options)
 
 
 @pytest.fixture
