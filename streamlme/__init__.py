@@ -1,7 +1,23 @@
 """streamlme: a linear mixed-effects model kept live over an event stream."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from streamlme.spec import ModelSpec, SpecError
 from streamlme.stats import GroupStats, StatsError
 
-__all__ = ["GroupStats", "ModelSpec", "SpecError", "StatsError"]
+if TYPE_CHECKING:
+    from streamlme.client import Client
+
+__all__ = ["Client", "GroupStats", "ModelSpec", "SpecError", "StatsError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The client pulls in redis-py; import it when asked for, so `import streamlme` stays light.
+    if name == "Client":
+        from streamlme.client import Client
+
+        return Client
+    raise AttributeError(f"module 'streamlme' has no attribute {name!r}")
