@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from streamlme.events import Rejection
+from streamlme.status import StatusPublisher
 from streamlme.store.base import MergeResult, OffsetRange, StateStore
 from streamlme.stream.batch import fold
 from streamlme.stream.dlq import RETRACT_EXCEEDS_GROUP, DeadLetterError, DeadLetters
@@ -119,6 +120,7 @@ class Ingestor:
         half_life: float | None = None,
         on_rejection: Callable[[list[Rejection]], None] | None = None,
         backoff: Backoff | None = None,
+        status: StatusPublisher | None = None,
     ) -> None:
         self.source = source
         self.store = store
@@ -130,6 +132,8 @@ class Ingestor:
         self.on_rejection = on_rejection
         self.backoff = backoff or Backoff()
         self.report = ConsumeReport()
+        # What the dashboard shows of this process (`GET /v1/status`), refreshed every batch.
+        self.status = status or StatusPublisher(store)
         self._stop = threading.Event()
         self._transient = transient_errors()
         # Next offset per partition as the store recorded it; absent = store has no record.
@@ -333,6 +337,8 @@ class Ingestor:
             self._expected[tp] = rng.end
         if offsets:
             self._commit({tp: rng.end for tp, rng in offsets.items()})
+        self.report.rejected = dict(self.dead_letters.counts)
+        self.status.publish(self.report, self._lag())
 
     def _dead_letter(self, reason: str, tp: TP, rec: Any) -> None:
         value = rec.value if rec.value is not None else b""

@@ -1,0 +1,247 @@
+"""Consumer status in the store: what each ingest process did lately, for ``GET /v1/status``.
+
+Consumers run in other processes than the API, so each one publishes a small record after every
+batch it applies, and the API reads them back. Against Redis (namespace ``ns``):
+
+==================================  ======  ===================================================
+key                                 type    value
+==================================  ======  ===================================================
+``{ns}:consumers:<encoded id>``     hash    the consumer's record (`ConsumerStatus` fields);
+                                            expires `STATUS_TTL` s after its last batch
+``{ns}:consumers``                  zset    encoded consumer id -> last update (unix time)
+``{ns}:ingest``                     hash    ``events_applied``, ``events_rejected``: all-time
+                                            totals of every consumer (survive restarts)
+==================================  ======  ===================================================
+
+A `MemoryStore` keeps the same records beside itself in this process (the embedded demo).
+Publishing is best effort: a status that cannot be written is logged, never fails a batch.
+
+>>> from streamlme.store import MemoryStore
+>>> from streamlme.stream.consumer import ConsumeReport
+>>> store = MemoryStore()
+>>> publisher = StatusPublisher(store, "c1")
+>>> publisher.publish(ConsumeReport(events_read=10, events_applied=9, rejected={"bad": 1}), lag=3)
+>>> s = read_status(store)
+>>> s.events_total, s.events_rejected_total, s.lag, [c.consumer for c in s.consumers]
+(9, 1, 3, ['c1'])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from streamlme.store.keys import Keys, decode_group, encode_group
+
+log = logging.getLogger(__name__)
+
+#: Seconds a consumer's record outlives its last batch (a stopped consumer drops off after this).
+STATUS_TTL = 60.0
+#: Seconds over which a consumer measures its ingest rate.
+RATE_WINDOW = 10.0
+
+_INT_FIELDS = ("events_read", "events_applied", "events_rejected", "batches")
+_FLOAT_FIELDS = ("rate", "interval", "started_at", "updated_at")
+
+
+@dataclass(frozen=True)
+class ConsumerStatus:
+    """One consumer's record: its counters since it started, its recent rate and lag.
+
+    ``rate`` is events applied per second over the last `RATE_WINDOW` seconds as the consumer
+    measured it when it published; ``interval`` the seconds between its last two batches.
+    """
+
+    consumer: str
+    events_read: int
+    events_applied: int
+    events_rejected: int
+    batches: int
+    lag: int | None
+    rate: float
+    interval: float
+    started_at: float
+    updated_at: float
+
+    def current_rate(self, now: float) -> float:
+        """``rate``, or 0 once the consumer has been quiet for longer than it usually is."""
+        quiet = now - self.updated_at
+        return self.rate if quiet <= max(RATE_WINDOW, 2.0 * self.interval) else 0.0
+
+    def to_dict(self, now: float | None = None) -> dict[str, Any]:
+        out = asdict(self)
+        if now is not None:
+            out["rate"] = self.current_rate(now)
+            out["age_s"] = max(now - self.updated_at, 0.0)
+        return out
+
+
+@dataclass(frozen=True)
+class IngestStatus:
+    """What all consumers of a store report: totals, combined rate and lag, and each record."""
+
+    events_total: int
+    events_rejected_total: int
+    ingest_rate: float
+    lag: int | None
+    consumers: list[ConsumerStatus]
+
+
+def default_consumer_id() -> str:
+    """``<host>-<pid>``: unique per process, and readable (a Kubernetes pod's name)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class StatusPublisher:
+    """Publishes one consumer's record into ``store`` after each batch (`publish`)."""
+
+    def __init__(self, store: Any, consumer_id: str | None = None) -> None:
+        self.store = store
+        self.consumer_id = consumer_id or default_consumer_id()
+        self.started_at = time.time()
+        self._samples: deque[tuple[float, int]] = deque([(time.monotonic(), 0)])
+        self._last = time.monotonic()
+        self._published = (0, 0)  # (applied, rejected) already added to the all-time totals
+        self._warned = False
+
+    def publish(self, report: Any, lag: int | None) -> None:
+        """Record ``report``'s counters (a `ConsumeReport`) and ``lag``; never raises."""
+        now = time.monotonic()
+        applied, rejected = int(report.events_applied), int(report.events_rejected)
+        samples = self._samples
+        samples.append((now, applied))
+        while len(samples) > 2 and samples[1][0] <= now - RATE_WINDOW:
+            samples.popleft()
+        t0, a0 = samples[0]
+        status = ConsumerStatus(
+            consumer=self.consumer_id, events_read=int(report.events_read),
+            events_applied=applied, events_rejected=rejected, batches=int(report.batches),
+            lag=lag, rate=(applied - a0) / (now - t0) if now > t0 else 0.0,
+            interval=now - self._last, started_at=self.started_at, updated_at=time.time())
+        self._last = now
+        # A new report (an Ingestor run restarting its counters) starts from zero again.
+        done_a, done_r = self._published
+        delta = (applied - done_a if applied >= done_a else applied,
+                 rejected - done_r if rejected >= done_r else rejected)
+        try:
+            _write(self.store, status, delta)
+        except Exception as exc:  # a dashboard nicety must never stop ingest
+            if not self._warned:
+                log.warning("cannot publish consumer status (%s); ingest goes on", exc)
+                self._warned = True
+            return
+        self._published = (applied, rejected)
+
+
+def publish_status(store: Any, consumer_id: str, report: Any, lag: int | None) -> None:
+    """One-off `StatusPublisher.publish` (its rate then spans the time since this call)."""
+    StatusPublisher(store, consumer_id).publish(report, lag)
+
+
+def read_status(store: Any, now: float | None = None) -> IngestStatus:
+    """The records of consumers alive in the last `STATUS_TTL` seconds, and their totals."""
+    now = time.time() if now is None else now
+    consumers, totals = _read(store, now)
+    consumers.sort(key=lambda c: c.consumer)
+    lags = [c.lag for c in consumers if c.lag is not None]
+    return IngestStatus(
+        events_total=totals.get("events_applied", sum(c.events_applied for c in consumers)),
+        events_rejected_total=totals.get("events_rejected",
+                                         sum(c.events_rejected for c in consumers)),
+        ingest_rate=sum(c.current_rate(now) for c in consumers),
+        lag=sum(lags) if lags else None,
+        consumers=consumers,
+    )
+
+
+# -- Redis, or a dict beside a MemoryStore ------------------------------------------------------
+
+
+def _keys(store: Any) -> Keys | None:
+    """The store's Redis key names, or None for an in-process store."""
+    return getattr(store, "keys", None) if getattr(store, "client", None) is not None else None
+
+
+class _Beside:
+    """Records kept in this process for a store that is not Redis."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.records: dict[str, ConsumerStatus] = {}
+        self.totals = {"events_applied": 0, "events_rejected": 0}
+
+
+_BESIDE: weakref.WeakKeyDictionary[Any, _Beside] = weakref.WeakKeyDictionary()
+_BESIDE_LOCK = threading.Lock()
+
+
+def _beside(store: Any) -> _Beside:
+    with _BESIDE_LOCK:
+        if store not in _BESIDE:
+            _BESIDE[store] = _Beside()
+        return _BESIDE[store]
+
+
+def _write(store: Any, status: ConsumerStatus, delta: tuple[int, int]) -> None:
+    keys = _keys(store)
+    if keys is None:
+        beside = _beside(store)
+        with beside.lock:
+            beside.records[status.consumer] = status
+            beside.totals["events_applied"] += delta[0]
+            beside.totals["events_rejected"] += delta[1]
+        return
+    member = encode_group(status.consumer)
+    record = {k: v for k, v in asdict(status).items() if k != "consumer"}
+    record["lag"] = "" if status.lag is None else status.lag
+    pipe = store.client.pipeline(transaction=False)
+    pipe.hset(f"{keys.tag}:consumers:{member}", mapping=record)
+    pipe.pexpire(f"{keys.tag}:consumers:{member}", int(STATUS_TTL * 1000))
+    pipe.zadd(f"{keys.tag}:consumers", {member: status.updated_at})
+    pipe.zremrangebyscore(f"{keys.tag}:consumers", "-inf", f"({status.updated_at - STATUS_TTL}")
+    if delta[0]:
+        pipe.hincrby(f"{keys.tag}:ingest", "events_applied", delta[0])
+    if delta[1]:
+        pipe.hincrby(f"{keys.tag}:ingest", "events_rejected", delta[1])
+    pipe.execute()
+
+
+def _read(store: Any, now: float) -> tuple[list[ConsumerStatus], dict[str, int]]:
+    keys = _keys(store)
+    if keys is None:
+        beside = _beside(store)
+        with beside.lock:
+            live = [s for s in beside.records.values() if now - s.updated_at <= STATUS_TTL]
+            return live, dict(beside.totals)
+    client = store.client
+    pipe = client.pipeline(transaction=False)
+    pipe.zrangebyscore(f"{keys.tag}:consumers", now - STATUS_TTL, "+inf")
+    pipe.hgetall(f"{keys.tag}:ingest")
+    members, raw_totals = pipe.execute()
+    totals = {k.decode(): int(v) for k, v in raw_totals.items()}
+    if not members:
+        return [], totals
+    pipe = client.pipeline(transaction=False)
+    for m in members:
+        pipe.hgetall(f"{keys.tag}:consumers:".encode() + m)
+    records = []
+    for m, h in zip(members, pipe.execute()):
+        if h:  # expired between the two reads
+            records.append(_parse(decode_group(m), {k.decode(): v.decode() for k, v in h.items()}))
+    return records, totals
+
+
+def _parse(consumer: str, h: dict[str, str]) -> ConsumerStatus:
+    return ConsumerStatus(
+        consumer=consumer,
+        lag=int(h["lag"]) if h.get("lag") else None,
+        **{k: int(h.get(k, 0)) for k in _INT_FIELDS},
+        **{k: float(h.get(k, 0.0)) for k in _FLOAT_FIELDS},
+    )
