@@ -14,12 +14,14 @@ Routes (all JSON; errors are `streamlme.api.schemas.Error` bodies, see `streamlm
 ``GET  /healthz``, ``GET /readyz``         alive; ready = store answers and a model exists
 ``GET  /metrics``                          Prometheus text (`streamlme.metrics`)
 ``GET  /openapi.json``, ``GET /docs``      the schema and its browsable form
+``GET  /``, ``GET /v1/status``, plots      the dashboard (`streamlme.api.dashboard`)
 =========================================  ================================================
 
 A group id may hold any characters: percent-encode it in the path (``/`` as ``%2F``); the
 route takes the rest of the path up to ``/effect``. With a token (``[api] token`` or
 ``STREAMLME_API_TOKEN``), every route but the two health checks needs the header
-``Authorization: Bearer <token>``. ``GET /`` is left free for a dashboard.
+``Authorization: Bearer <token>``. The dashboard page ``GET /`` loads without it; its data
+calls send it.
 
 Handlers are coroutines that call the synchronous Client directly on the event loop. A query
 is one Redis round trip of about 0.1 ms; handing it to a worker thread (FastAPI's default for
@@ -43,7 +45,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.convertors import Convertor, register_url_convertor
 
 from streamlme import __version__
-from streamlme.api import errors, schemas
+from streamlme.api import dashboard, errors, schemas
 from streamlme.client import Client, ModelNotReady
 from streamlme.config import Config
 from streamlme.metrics import CONTENT_TYPE, MODEL_AGE, MODEL_VERSION, QUERY_LATENCY, metrics_text
@@ -212,6 +214,7 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
         return _json({"status": "ready", "model_version": version})
 
     app.include_router(guarded)
+    dashboard.install(app, client, Depends(_auth(token)))
     return app
 
 
