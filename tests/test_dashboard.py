@@ -243,6 +243,13 @@ def test_dashboard_in_headless_chromium(served, tmp_path):
         # The page's CSP forbids eval, so every wait below passes a function, not an expression.
         browser = pw.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
         try:
+            anonymous = browser.new_page()
+            anonymous.goto(base)
+            anonymous.wait_for_function("() => document.getElementById('conn').textContent "
+                                        "=== 'token needed'")
+            assert anonymous.locator("#token-box").get_attribute("open") is not None
+            anonymous.close()
+
             page = browser.new_page(viewport={"width": 1360, "height": 900})
             page.on("pageerror", lambda exc: errors.append(str(exc)))
             page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
