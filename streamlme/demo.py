@@ -152,7 +152,7 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
         stats = read_stats(store, len(SPEC.columns))
         if model is None:
             raise click.ClickException("no refresh succeeded; nothing to show")
-        plots = _plots(store, out_dir, say)
+        plots = _plots(store, out_dir)
     finally:
         close_store(config, store)
 
@@ -195,12 +195,9 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
     return report_
 
 
-def _plots(store: Any, out_dir: Path, say: Any) -> list[str]:
-    try:
-        from streamlme.plots import save, store_figure
-    except ImportError:
-        say("(matplotlib is not installed: no plots; pip install 'streamlme[plots]')")
-        return []
+def _plots(store: Any, out_dir: Path) -> list[str]:
+    from streamlme.plots import save, store_figure
+
     written = []
     for kind in ("shrinkage", "caterpillar", "trace"):
         fig = store_figure(kind, store, term="age" if kind == "caterpillar" else 0, top=40)

@@ -32,17 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.colors import Normalize
+from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from numpy.typing import NDArray
-
-try:
-    from matplotlib.colors import Normalize
-    from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-except ImportError as exc:  # pragma: no cover - depends on the install
-    raise ImportError(
-        "streamlme.plots needs matplotlib: pip install 'streamlme[plots]'"
-    ) from exc
 
 from streamlme.blup import group_effects
 from streamlme.model import ModelRecord
