@@ -89,6 +89,13 @@ def _logging() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _metrics(port: int | None) -> None:
+    if port is not None:
+        from streamlme.metrics import start_metrics_server
+
+        start_metrics_server(port)
+
+
 @main.group()
 def config() -> None:
     """Configuration files."""
@@ -113,14 +120,17 @@ def config_check(path: str) -> None:
               help="Stop after this many seconds without events.")
 @click.option("--input", "input_path", default=None,
               help="Read JSON lines from this file (- for stdin) instead of Kafka.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve this process's Prometheus metrics at http://127.0.0.1:PORT/metrics.")
 def consume(config_path: str, max_events: int | None, until_idle: float | None,
-            input_path: str | None) -> None:
+            input_path: str | None, metrics_port: int | None) -> None:
     """Fold events from Kafka (or JSON lines) into the per-group statistics; prints a JSON report."""
     from streamlme.config import ConfigError
     from streamlme.stream.app import run_consume
 
     cfg = _load(config_path)
     _logging()
+    _metrics(metrics_port)
     if cfg.kafka is None and input_path is None:
         input_path = "-"
     try:
@@ -154,7 +164,10 @@ def publish(path: str, config_path: str, no_progress: bool) -> None:
 @click.option("--every", default=None, help='Period, e.g. "60s" (default: [refresh] every).')
 @click.option("--wait", default=None,
               help="With --once: give up after waiting this long for the lease.")
-def refresh(config_path: str, once: bool, every: str | None, wait: str | None) -> None:
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve this process's Prometheus metrics at http://127.0.0.1:PORT/metrics.")
+def refresh(config_path: str, once: bool, every: str | None, wait: str | None,
+            metrics_port: int | None) -> None:
     """Re-estimate the model from every group's statistics and write a new model version.
 
     Only the holder of the refresh lease writes; a second refresher waits as a standby. A fit
@@ -166,6 +179,7 @@ def refresh(config_path: str, once: bool, every: str | None, wait: str | None) -
         raise click.UsageError("--once and --every exclude each other")
     cfg = _load(config_path)
     _logging()
+    _metrics(metrics_port)
     try:
         period = parse_duration(every) if every else None
         patience = parse_duration(wait) if wait else None

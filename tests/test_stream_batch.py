@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from stream_helpers import REPO, assert_stats_equal, make_events, read_all, write_config
 
 from streamlme.config import load_config
@@ -85,10 +86,16 @@ def test_embedded_jsonl_into_memory_store_resumes(tmp_path) -> None:
         fh.write(b'{"g": "x", "x1": "oops"}\n\nnot json\n')
     config = load_config(write_config(tmp_path / "c.toml", ev.spec,
                                       snapshot=str(tmp_path / "snap.bin")))
+    ingested, dead = _sample("streamlme_events_ingested_total"), _dead_lettered()
     report = run_consume(config, source=str(path))
     assert report.events_applied == 20_000
     assert report.rejected == {"non_numeric": 1, "invalid_json": 1}
     assert_stats_equal(read_all(make_store(config)), ev.batch_stats())
+    # the process's Prometheus metrics (what `consume --metrics-port` serves) saw the same
+    assert _sample("streamlme_events_ingested_total") - ingested == 20_000
+    after = _dead_lettered()
+    assert {r: after[r] - dead.get(r, 0) for r in after if after[r] != dead.get(r, 0)} == \
+        {"non_numeric": 1, "invalid_json": 1}
 
     again = run_consume(config, source=str(path))
     assert again.events_read == 0 and again.events_applied == 0
@@ -116,3 +123,18 @@ def test_consume_without_kafka_or_input_says_what_to_do(tmp_path) -> None:
     config = load_config(write_config(tmp_path / "c.toml", ev.spec))
     with pytest.raises(ValueError, match="--input"):
         run_consume(config)
+
+
+def _sample(name: str, labels: dict[str, str] | None = None) -> float:
+    value = REGISTRY.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+def _dead_lettered() -> dict[str, float]:
+    out = {}
+    for metric in REGISTRY.collect():
+        if metric.name == "streamlme_events_dead_lettered":
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["reason"]] = sample.value
+    return out

@@ -16,6 +16,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import REGISTRY
 from stream_helpers import (
     Events,
     assert_stats_equal,
@@ -81,6 +82,9 @@ def test_streaming_equals_batch(tmp_path, kafka_bootstrap, kafka_topic, redis_ur
     streamed = read_all(store)
     assert_stats_equal(streamed, ev.batch_stats())
     assert sum(store.offsets(topic).values()) == 200_000
+    lags = [REGISTRY.get_sample_value("streamlme_consumer_lag",
+                                      {"topic": topic, "partition": str(p)}) for p in range(4)]
+    assert lags == [0.0] * 4  # read to the end of every partition
 
     spec = ev.spec
     cli = subprocess.run(

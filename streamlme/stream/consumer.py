@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from streamlme.events import Rejection
+from streamlme.metrics import CONSUMER_LAG, EVENTS_DEAD_LETTERED, EVENTS_INGESTED
 from streamlme.status import StatusPublisher
 from streamlme.store.base import MergeResult, OffsetRange, StateStore
 from streamlme.stream.batch import fold
@@ -284,6 +285,7 @@ class Ingestor:
         if not self._n_pending:
             return
         pending, self._pending, self._n_pending = self._pending, {}, 0
+        rejected_before = dict(self.dead_letters.counts)
         tps = [tp for tp, recs in pending.items() if recs]
         values: list[bytes] = []
         for tp in tps:
@@ -339,6 +341,17 @@ class Ingestor:
             self._commit({tp: rng.end for tp, rng in offsets.items()})
         self.report.rejected = dict(self.dead_letters.counts)
         self.status.publish(self.report, self._lag())
+        self._record_metrics(len(decoded.groups) - len(refused), rejected_before)
+
+    def _record_metrics(self, applied: int, rejected_before: Mapping[str, int]) -> None:
+        """This batch into the process's Prometheus metrics (`streamlme.metrics`)."""
+        EVENTS_INGESTED.inc(applied)
+        for reason, count in self.report.rejected.items():
+            new = count - rejected_before.get(reason, 0)
+            if new:
+                EVENTS_DEAD_LETTERED.labels(reason).inc(new)
+        for (topic, partition), lag in self.source.partition_lags().items():
+            CONSUMER_LAG.labels(topic, str(partition)).set(lag)
 
     def _dead_letter(self, reason: str, tp: TP, rec: Any) -> None:
         value = rec.value if rec.value is not None else b""

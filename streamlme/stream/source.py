@@ -58,6 +58,10 @@ class Source(Protocol):
 
     def lag(self) -> int | None: ...
 
+    def partition_lags(self) -> dict[TP, int]:
+        """Messages behind the log end per assigned partition, where known."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -140,6 +144,9 @@ class JsonLinesSource:
     def lag(self) -> int | None:
         return None
 
+    def partition_lags(self) -> dict[TP, int]:
+        return {}
+
     def close(self) -> None:
         if self._file is not None and self._stream is None and self.replayable:
             self._file.close()
@@ -214,13 +221,22 @@ class KafkaSource:
         """Messages behind the log end, from the last fetch (None when unknown)."""
         if self._consumer is None:
             return None
-        total = 0
+        lags = self.partition_lags()
+        if len(lags) < len(self._consumer.assignment()):
+            return None
+        return sum(lags.values())
+
+    def partition_lags(self) -> dict[TP, int]:
+        """Per assigned partition whose log end the last fetch reported."""
+        if self._consumer is None:
+            return {}
+        out: dict[TP, int] = {}
         for tp in self._consumer.assignment():
             high = self._consumer.highwater(tp)
-            if high is None:
-                return None
-            total += max(high - self._consumer.position(tp, timeout_ms=1000), 0)
-        return total
+            if high is not None:
+                position = self._consumer.position(tp, timeout_ms=1000)
+                out[(tp.topic, tp.partition)] = max(high - position, 0)
+        return out
 
     def close(self) -> None:
         if self._consumer is not None:
