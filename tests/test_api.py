@@ -85,7 +85,7 @@ def test_bad_group_ids_and_bodies(seeded, redis_url, namespace, tmp_path):
     assert r.status_code == 422 and r.json()["error"] == "invalid_group"
     r = http.post("/v1/groups/effects", content=b"{not json", headers={
         "content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"] == "invalid_request"
+    assert r.status_code == 400 and r.json()["error"] == "bad_request"
     assert http.get("/v1/nothing").json() == {"error": "not_found", "message": "Not Found"}
 
 

@@ -79,6 +79,10 @@ def install(app: FastAPI) -> None:
                   for e in exc.errors()]
         first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
+        if any(e["type"] == "json_invalid" for e in detail):
+            # not a body that fails a schema: no JSON at all
+            return error_response(400, "bad_request", f"{where}: {first['msg']}",
+                                  jsonable_encoder(detail))
         return error_response(422, "invalid_request", f"{where}: {first['msg']}",
                               jsonable_encoder(detail))
 
