@@ -103,9 +103,10 @@ class ModelRecord:
         try:
             doc = json.loads(data)
             spec = ModelSpec.from_dict(doc.pop("spec"))
+            stored_version = int(doc.pop("version"))
             rec = cls(
                 spec=spec,
-                version=int(doc.pop("version")) if version is None else version,
+                version=stored_version if version is None else version,
                 created_at=float(doc.pop("created_at")),
                 fit_seconds=float(doc.pop("fit_seconds")),
                 events_seen=float(doc.pop("events_seen")),
@@ -116,6 +117,4 @@ class ModelRecord:
                     raise KeyError(key)
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ModelRecordError(f"unreadable model record: {exc!r}") from exc
-        if version is not None:
-            rec.version = version
         return rec
