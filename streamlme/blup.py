@@ -12,10 +12,15 @@ and residual r = a'w + c both affine in w,
 
     Z'r = n (B m + e)(a'm + c) + B C a,      Z'Z = n (B m + e)(B m + e)' + B C B'.
 
-The mean residual a'm + c is formed directly, so a response around 1e7 costs no digits. For a
-random intercept the shrinkage is tau^2 / (tau^2 + sigma^2 / n_j): 1 means the group's own data
-decide its effect, 0 that the prior does. In general ``shrinkage`` is this reliability of the
-first random term, 1 - Var(b_j0 - b_0) / G_00.
+The mean residual a'm + c is formed directly, so a response around 1e7 costs no digits. With the
+model's ``z_centre`` and ``G_centred`` (what a fit reports), the algebra runs in the centred basis
+z - z_centre and maps back exactly (b = T b_c, Var = T Var_c T'), so a random slope on a covariate
+whose mean is far from zero (a timestamp) costs no digits either.
+
+For a random intercept the shrinkage is tau^2 / (tau^2 + sigma^2 / n_j): 1 means the group's own
+data decide its effect, 0 that the prior does. In general ``shrinkage`` is this reliability for the
+first random term at the centre, 1 - Var(b_c,j0 - b_c,0) / G_c,00: for (1 + x | g), how much of
+the group's offset at the typical x comes from its own data.
 
 >>> import numpy as np
 >>> from streamlme import GroupStats, ModelSpec
@@ -81,37 +86,62 @@ def _affine_maps(spec: ModelSpec, beta: Array) -> tuple[Array, Array, Array, flo
 
 
 def group_effects(
-    stats: GroupStats, spec: ModelSpec, beta: Array, G: Array, sigma2: float
+    stats: GroupStats, spec: ModelSpec, beta: Array, G: Array, sigma2: float, *,
+    z_centre: Array | None = None, G_centred: Array | None = None,
 ) -> Effects:
-    """BLUPs of every group in ``stats`` under (beta, G, sigma^2), vectorised over groups."""
+    """BLUPs of every group in ``stats`` under (beta, G, sigma^2), vectorised over groups.
+
+    ``z_centre`` and ``G_centred`` (from the fit, both or neither) make the computation run in
+    the centred basis; the results are in the user's basis either way.
+    """
     beta, G = np.asarray(beta, float), np.asarray(G, float)
-    B, e, a, c = _affine_maps(spec, beta)
-    zbar = stats.mean @ B.T + e                       # (G, q): mean random design
-    rbar = stats.mean @ a + c                          # (G,): mean residual
+    q = len(spec.random)
+    if (z_centre is None) != (G_centred is None):
+        raise ValueError("give z_centre and G_centred together, or neither")
+    c = np.zeros(q) if z_centre is None else np.asarray(z_centre, float)
+    G_c = G if G_centred is None else np.asarray(G_centred, float)
+    B, e, a, r0 = _affine_maps(spec, beta)
+    zbar = stats.mean @ B.T + e - c                   # (G, q): mean centred random design
+    rbar = stats.mean @ a + r0                         # (G,): mean residual
     n = stats.n
     Ztr = n[:, None] * zbar * rbar[:, None] + np.einsum("qd,gde,e->gq", B, stats.C, a)
     ZtZ = n[:, None, None] * zbar[:, :, None] * zbar[:, None, :] + np.einsum(
         "qd,gde,re->gqr", B, stats.C, B
     )
-    Lam = psd_factor(G / sigma2)
-    q = Lam.shape[0]
+    Lam = psd_factor(G_c / sigma2)
     P = np.einsum("ai,gab,bj->gij", Lam, ZtZ, Lam) + np.eye(q)
     L = chol(P)
     W = solve_lower(L, np.broadcast_to(Lam.T, (len(stats), q, q)))   # L^-1 Lambda'
     cov = sigma2 * np.einsum("gki,gkj->gij", W, W)
     b = np.einsum("gki,gkj,gj->gi", W, W, Ztr)
-    shrink = 1.0 - cov[:, 0, 0] / G[0, 0] if G[0, 0] > 0 else np.zeros(len(stats))
+    shrink = 1.0 - cov[:, 0, 0] / G_c[0, 0] if G_c[0, 0] > 0 else np.zeros(len(stats))
+    if c.any():
+        T = centring_map(spec, c)
+        b = b @ T.T
+        cov = np.einsum("ab,gbc,dc->gad", T, cov, T)
     return Effects(list(stats.keys), b, cov, shrink, n.copy(), np.ones(len(stats), bool))
+
+
+def centring_map(spec: ModelSpec, z_centre: Array) -> Array:
+    """T with b = T b_c for random effects b_c of the centred design z - z_centre."""
+    q = len(spec.random)
+    T = np.eye(q)
+    if INTERCEPT in spec.random:
+        i0 = spec.random.index(INTERCEPT)
+        T[i0, :] -= z_centre
+        T[i0, i0] = 1.0
+    return T
 
 
 def effects_for(
     stats: GroupStats, groups: Sequence[str], spec: ModelSpec, beta: Array, G: Array,
-    sigma2: float,
+    sigma2: float, *, z_centre: Array | None = None, G_centred: Array | None = None,
 ) -> Effects:
     """Effects of ``groups`` in the order asked; groups absent from ``stats`` get the prior."""
     groups = list(groups)
     seen = [g for g in groups if g in stats]
-    eff = group_effects(stats.select(seen), spec, beta, G, sigma2) if seen else None
+    eff = (group_effects(stats.select(seen), spec, beta, G, sigma2, z_centre=z_centre,
+                         G_centred=G_centred) if seen else None)
     q = len(spec.random)
     b, cov = np.zeros((len(groups), q)), np.broadcast_to(np.asarray(G, float),
                                                             (len(groups), q, q)).copy()

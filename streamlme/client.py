@@ -126,8 +126,10 @@ class _Kernel:
     """One model version compiled to plain Python floats and positions in a decoded record.
 
     Mirrors `streamlme.blup.group_effects` for a single group: with the group's (n, m, C),
-    zbar = B m + e, rbar = a'm + c, Z'r = n zbar rbar + B C a, Z'Z = n zbar zbar' + B C B',
-    P = Lam' Z'Z Lam + I = L L', W = L^-1 Lam', Var = sigma^2 W'W, b = W'W Z'r.
+    zbar = B m + e - z_centre, rbar = a'm + c, Z'r = n zbar rbar + B C a,
+    Z'Z = n zbar zbar' + B C B', P = Lam' Z'Z Lam + I = L L' with Lam Lam' = G_centred / sigma^2,
+    W = L^-1 Lam', Var_c = sigma^2 W'W, b_c = W'W Z'r; then b = T b_c, Var = T Var_c T' where T
+    moves the centre back into the intercept (only the intercept's row differs from I).
 
     A decoded record is (n, t, m, upper triangle of C) followed by two constants, 0.0 and 1.0,
     so an intercept term (z = 1, no co-moments) reads its entries from the same kind of
@@ -166,11 +168,14 @@ class _Kernel:
                    for r in rcols]                                             # (B C a)_i
         self.pc = [[zero if ri is None or rj is None else tri[ri][rj] for rj in rcols]
                    for ri in rcols]                                            # (B C B')_ij
-        G = record.G
+        G, G_c = record.G, record.G_centred
         self.sigma2 = record.sigma2
         self.G = [[float(v) for v in row] for row in G]
-        self.G00 = float(G[0, 0])
-        self.lam = [[float(v) for v in row] for row in psd_factor(G / self.sigma2)]
+        self.G00 = float(G_c[0, 0])
+        self.lam = [[float(v) for v in row] for row in psd_factor(G_c / self.sigma2)]
+        self.zc = [float(v) for v in record.z_centre]
+        self.i0 = spec.random.index(INTERCEPT) if INTERCEPT in spec.random else None
+        self.centred = self.i0 is not None and any(self.zc)
         self.solve = {1: self._solve1, 2: self._solve2}.get(q, self._solve_any)
 
     def decode(self, value: bytes) -> tuple[float, ...]:
@@ -193,7 +198,7 @@ class _Kernel:
         rbar = self.c
         for p, coef in self.pm:
             rbar += coef * v[p]
-        zbar = [v[p] for p in self.pz]
+        zbar = [v[p] - zc for p, zc in zip(self.pz, self.zc)]
         Ztr = []
         for z, pa in zip(zbar, self.pa):
             s = n * z * rbar
@@ -204,7 +209,23 @@ class _Kernel:
         sigma2 = self.sigma2
         cov = [[sigma2 * x for x in row] for row in WtW]
         shrink = 1.0 - cov[0][0] / self.G00 if self.G00 > 0 else 0.0
+        if self.centred:
+            b, cov = self._uncentre(b, cov)
         return GroupEffect(group, n, dict(zip(self.names, b)), cov, shrink, self.version, True)
+
+    def _uncentre(self, b: list[float], cov: list[list[float]]
+                  ) -> tuple[list[float], list[list[float]]]:
+        """b = T b_c, Var = T Var_c T': the intercept row of T is e_i0 - z_centre."""
+        i0, zc, q = self.i0, self.zc, self.q
+        b = list(b)
+        b[i0] -= sum(z * x for z, x in zip(zc, b))
+        row = [cov[i0][j] - sum(zc[k] * cov[k][j] for k in range(q)) for j in range(q)]
+        cov = [list(r) for r in cov]
+        cov[i0] = row
+        for i in range(q):
+            cov[i][i0] = row[i]
+        cov[i0][i0] = row[i0] - sum(zc[k] * row[k] for k in range(q))
+        return b, cov
 
     # (b, W'W) from Z'r; Z'Z is formed inside: q = 1 and 2 written out, any q by loops.
 

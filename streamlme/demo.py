@@ -23,7 +23,6 @@ from typing import Any
 import click
 import numpy as np
 
-from streamlme.blup import group_effects
 from streamlme.spec import ModelSpec
 
 SPEC = ModelSpec(response="los", fixed=["1", "age", "severity"], random=["1", "age"],
@@ -156,7 +155,7 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
     finally:
         close_store(config, store)
 
-    eff = group_effects(stats, SPEC, model.beta, model.G, model.sigma2)
+    eff = model.effects(stats)
     true_G = _user_basis(TRUE_G_CENTRED)
     report_: dict[str, Any] = {
         "events": len(train.los), "hospitals": len(stats), "seconds": seconds,

@@ -27,8 +27,10 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from streamlme.blup import Effects, group_effects
 from streamlme.estimate.result import FitResult
 from streamlme.spec import ModelSpec
+from streamlme.stats import GroupStats
 
 Array = NDArray[np.float64]
 
@@ -76,6 +78,21 @@ class ModelRecord:
     @property
     def sigma2(self) -> float:
         return float(self.fit["sigma2"])
+
+    @property
+    def z_centre(self) -> Array:
+        """Per random term, where the fit centred its covariate (zeros in older records)."""
+        return np.asarray(self.fit.get("z_centre", [0.0] * len(self.fit["random"])), dtype=float)
+
+    @property
+    def G_centred(self) -> Array:
+        """G in the centred basis z - z_centre (G itself in older records)."""
+        return np.asarray(self.fit.get("G_centred", self.fit["G"]), dtype=float)
+
+    def effects(self, stats: GroupStats) -> Effects:
+        """Every group's effect under this model, from the groups' current statistics."""
+        return group_effects(stats, self.spec, self.beta, self.G, self.sigma2,
+                             z_centre=self.z_centre, G_centred=self.G_centred)
 
     @property
     def converged(self) -> bool:

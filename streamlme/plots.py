@@ -38,7 +38,6 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from numpy.typing import NDArray
 
-from streamlme.blup import group_effects
 from streamlme.model import ModelRecord
 from streamlme.spec import INTERCEPT, ModelSpec, term_name
 from streamlme.stats import GroupStats
@@ -88,7 +87,7 @@ class ShrinkageData:
 def shrinkage_data(stats: GroupStats, spec: ModelSpec, model: ModelRecord) -> ShrinkageData:
     """The numbers `shrinkage_plot` draws (see `ShrinkageData`)."""
     _check_stats(stats, spec)
-    eff = group_effects(stats, spec, model.beta, model.G, model.sigma2)
+    eff = model.effects(stats)
     cols = spec.columns
     zbar = np.column_stack([np.ones(len(stats)) if t == INTERCEPT else stats.mean[:, cols.index(t)]
                             for t in spec.random])
@@ -213,7 +212,7 @@ def caterpillar_data(
     k = _term_index(spec, term)
     if top is not None and top < 1:
         raise PlotError(f"top must be at least 1, got {top}")
-    eff = group_effects(stats, spec, model.beta, model.G, model.sigma2)
+    eff = model.effects(stats)
     b = eff.b[:, k]
     sd = np.sqrt(np.maximum(eff.cov[:, k, k], 0.0))
     keep = top if top is not None else CATERPILLAR_MAX

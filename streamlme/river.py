@@ -85,7 +85,8 @@ class _Model:
     beta_idx: np.ndarray  # feature columns in the fixed part
     beta: Array
     z_idx: np.ndarray  # feature column of each random term, -1 for the intercept
-    Lam: Array  # relative covariance factor: Lam Lam' = G / sigma^2
+    z_centre: Array  # where the fit centred each random term (0 for the intercept)
+    Lam: Array  # relative factor in the centred basis: Lam Lam' = G_centred / sigma^2
     _maps: tuple[int, Array, Array] | None = field(default=None, repr=False)
 
     def _affine(self, D: int) -> tuple[Array, Array]:
@@ -98,7 +99,7 @@ class _Model:
                 if j < 0:
                     k[t] = 1.0
                 else:
-                    K[t, j] = 1.0
+                    K[t, j], k[t] = 1.0, -self.z_centre[t]
             K[q, -1] = 1.0
             K[q, self.beta_idx] -= self.beta
             k[q] = -self.beta0
@@ -109,7 +110,8 @@ class _Model:
         return self.beta0 + X[:, self.beta_idx] @ self.beta
 
     def random_design(self, X: Array) -> Array:
-        return np.where(self.z_idx < 0, 1.0, X[:, np.maximum(self.z_idx, 0)])
+        """The centred random design z - z_centre, the basis `blups` answers in."""
+        return np.where(self.z_idx < 0, 1.0, X[:, np.maximum(self.z_idx, 0)] - self.z_centre)
 
     def blups(self, n: Array, m: Array, C: Array) -> Array:
         """b_j = Lam P_j^-1 Lam' Z_j'r_j, P_j = Lam' Z_j'Z_j Lam + I, for stacked groups.
@@ -455,7 +457,8 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
             beta=np.asarray(res.beta[1:], dtype=float).copy(),
             z_idx=np.array([-1 if t == INTERCEPT else index[t] for t in spec.random],
                            dtype=np.intp),
-            Lam=psd_factor(res.G / res.sigma2),
+            z_centre=np.asarray(res.z_centre, dtype=float).copy(),
+            Lam=psd_factor(res.G_centred / res.sigma2),
         )
         return model, res
 

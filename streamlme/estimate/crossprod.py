@@ -39,7 +39,9 @@ class CrossProducts:
 
     ZtZ (G, q, q), ZtXy (G, q, p + 1) with y last, XyXy (p + 1, p + 1) pooled over groups; N total
     mass; T_X (p, p), T_Z (q, q) and r_y map centred-basis estimates back to the user's basis;
-    z_scale (q,) is the scaling of each random term (1 for the intercept), T_Z = shift @ diag(z_scale).
+    z_scale (q,) is the scaling of each random term (1 for the intercept), T_Z = shift @ diag(z_scale);
+    z_centre (q,) is where each random covariate was centred (0 for the intercept and for
+    covariates the model does not let move).
     """
 
     keys: list[str]
@@ -51,6 +53,7 @@ class CrossProducts:
     T_X: Array
     T_Z: Array
     z_scale: Array
+    z_centre: Array
     r_y: float
     intercept_fixed: int | None
 
@@ -73,6 +76,11 @@ class CrossProducts:
     @property
     def Zty(self) -> Array:
         return self.ZtXy[:, :, -1]
+
+    def centred_covariance(self, G_fit: Array) -> Array:
+        """G in the centred, unscaled basis (z - z_centre) from G in the fit's scaled basis."""
+        G_c = self.z_scale[:, None] * G_fit * self.z_scale[None, :]
+        return 0.5 * (G_c + G_c.T)
 
     def beta_to_user(self, beta_c: Array) -> Array:
         beta = self.T_X @ beta_c
@@ -154,9 +162,10 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
     _check_rank(XyXy[:p, :p], spec)
     T_X = _shift_matrix(spec.fixed, cols, r)
     T_Z = _shift_matrix(spec.random, cols, r) @ np.diag(z_scale)
+    z_centre = np.array([0.0 if t == INTERCEPT else r[cols.index(t)] for t in spec.random])
     i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
     return CrossProducts(list(stats.keys), stats.n.copy(), ZtZ, ZtXy, XyXy, N, T_X, T_Z,
-                         z_scale, float(r[-1]), i0)
+                         z_scale, z_centre, float(r[-1]), i0)
 
 
 def _block(n: Array, e: Array, C: Array, rows: list[int], cols: list[int]) -> Array:

@@ -195,6 +195,7 @@ def _result(
         beta_cov=beta_cov, G=G_user, sigma2=sigma2, theta=theta, criterion=deviance,
         covariance=spec.covariance, optsummary=opt,
         singular=bool(np.any(np.diag(Lam_user) < 1e-4)),
+        z_centre=cp.z_centre.copy(), G_centred=cp.centred_covariance(G),
     )
     if not converged:
         res.warnings.append(f"EM did not converge: {message}")

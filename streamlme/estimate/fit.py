@@ -201,7 +201,8 @@ def _result(
         theta=Lam_user[par.rows, par.cols] if spec.covariance == "unstructured"
         else np.diag(Lam_user).copy(),
         criterion=st.deviance, covariance=spec.covariance, optsummary=opt,
-        singular=singular, warnings=notes,
+        singular=singular, warnings=notes, z_centre=cp.z_centre.copy(),
+        G_centred=cp.centred_covariance(sigma2 * (st.Lam @ st.Lam.T)),
     )
     if ranef:
         res.group_keys = list(cp.keys)

@@ -39,7 +39,10 @@ class FitResult:
     (-2 logLik) for ML and EM. ``G`` is the random-effects covariance, ``sigma2`` the residual
     variance, ``theta`` lme4's relative factor elements (user basis). ``ranef`` and
     ``ranef_var`` are the conditional modes and conditional covariances per group, in the user's
-    basis (lme4's ``ranef(fit, condVar = TRUE)``).
+    basis (lme4's ``ranef(fit, condVar = TRUE)``). ``z_centre`` holds, per random term, the value
+    its covariate was centred at in the fit (0 for the intercept), and ``G_centred`` the random
+    effects' covariance in that centred basis (z - z_centre): computed directly, it keeps its
+    digits when a covariate's mean is far from zero, where G itself is ill-conditioned.
     """
 
     method: str
@@ -61,6 +64,8 @@ class FitResult:
     ranef_var: Array | None = None
     singular: bool = False
     warnings: list[str] = field(default_factory=list)
+    z_centre: Array | None = None
+    G_centred: Array | None = None
 
     @property
     def n_params(self) -> int:
@@ -106,6 +111,9 @@ class FitResult:
             "random": list(self.random),
             "covariance": self.covariance,
             "G": self.G.tolist(),
+            "G_centred": (self.G if self.G_centred is None else self.G_centred).tolist(),
+            "z_centre": ([0.0] * len(self.random) if self.z_centre is None
+                         else self.z_centre.tolist()),
             "sigma2": float(self.sigma2),
             "theta": self.theta.tolist(),
             "criterion": float(self.criterion),
