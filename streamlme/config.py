@@ -265,6 +265,8 @@ class RedisConfig(_Section):
 class RefreshConfig(_Section):
     every: Duration = Duration(60.0)
     history: Positive = 50
+    lease_ttl: Duration = Duration(30.0)  # a leader silent this long loses the lease
+    skip_unchanged: bool = True  # no new version when no event arrived since the current one
     tolerance: Annotated[float, msgspec.Meta(gt=0)] | None = None  # None: the estimator's own
     max_iter: Positive | None = None
 

@@ -42,7 +42,8 @@ from prometheus_client import multiprocess as _multiprocess
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 #: Values of the ``outcome`` label of `REFRESH_OUTCOMES_TOTAL` (`streamlme.refresh.OUTCOMES`).
-REFRESH_OUTCOMES = ("written", "fit_failed", "not_converged", "fenced", "no_lease", "error")
+REFRESH_OUTCOMES = ("written", "unchanged", "fit_failed", "not_converged", "fenced", "no_lease",
+                    "error")
 
 EVENTS_INGESTED = Counter(
     "streamlme_events_ingested", "Events folded into the per-group statistics.")

@@ -29,6 +29,7 @@ leader; `model_command` backs ``streamlme model`` (current version, history, rol
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import signal
@@ -57,7 +58,7 @@ log = logging.getLogger(__name__)
 
 #: Values of the ``outcome`` label of REFRESH_OUTCOMES (``streamlme_refresh_outcomes_total``);
 #: the duration of every attempt goes to REFRESH_DURATION. Both live in `streamlme.metrics`.
-OUTCOMES = ("written", "fit_failed", "not_converged", "fenced", "no_lease", "error")
+OUTCOMES = ("written", "unchanged", "fit_failed", "not_converged", "fenced", "no_lease", "error")
 
 
 @dataclass(frozen=True)
@@ -71,12 +72,14 @@ class RefreshSettings:
     chunk: int = 10_000
     lease_ttl: float = DEFAULT_TTL
     warm_start: bool = True
+    #: Write nothing when the statistics are those the current model was fitted to.
+    skip_unchanged: bool = True
 
     @classmethod
     def from_config(cls, config: Config, **overrides: Any) -> RefreshSettings:
         r = config.refresh
         base = cls(method=config.model.method, tol=r.tolerance, max_iter=r.max_iter,
-                   history=r.history)
+                   history=r.history, lease_ttl=r.lease_ttl, skip_unchanged=r.skip_unchanged)
         return cls(**{**asdict(base), **overrides})
 
     def fit_kwargs(self) -> dict[str, Any]:
@@ -90,7 +93,8 @@ class RefreshSettings:
 
 @dataclass
 class RefreshOutcome:
-    """What one refresh did. ``ok`` only when a new version was written."""
+    """What one refresh did. ``ok`` only when a new version was written; ``current`` also when
+    nothing changed since the current model (status ``unchanged``)."""
 
     status: str
     message: str = ""
@@ -115,6 +119,11 @@ class RefreshOutcome:
     def ok(self) -> bool:
         return self.status == "written"
 
+    @property
+    def current(self) -> bool:
+        """The current model covers the statistics: just written, or nothing changed."""
+        return self.status in ("written", "unchanged")
+
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "ok": self.ok}
 
@@ -136,6 +145,16 @@ def read_stats(store: Any, d: int, chunk: int = 10_000) -> GroupStats:
         return GroupStats.empty(d)
     n, mean, C, t = (np.concatenate(arrays) for arrays in zip(*parts))
     return GroupStats(keys, n, mean, C, t)
+
+
+def stats_fingerprint(stats: GroupStats) -> str:
+    """A digest of the statistics a fit sees: the same statistics give the same digest, and any
+    event folded in or taken out changes it (its mass, moments or co-moments move)."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in (np.array([len(stats), stats.n.sum()]), stats.n @ stats.mean,
+                 stats.C.sum(axis=0), np.sort(stats.n)):
+        h.update(np.ascontiguousarray(part, dtype="<f8").tobytes())
+    return h.hexdigest()
 
 
 def current_model(store: Any) -> ModelRecord | None:
@@ -204,13 +223,22 @@ def _refresh(store: Any, spec: ModelSpec, settings: RefreshSettings, lease: Leas
              ) -> RefreshOutcome:
     t0 = time.perf_counter()
     out = RefreshOutcome("error", token=lease.token, method=(settings.method or spec.method))
-    start = _warm_start(store, spec) if settings.warm_start else None
+    current = _warm_start(store, spec)
+    start = current if settings.warm_start else None
     out.start_version = start.version if start is not None else None
     out.current_version = store.current_model_version()
 
     stats = read_stats(store, len(spec.columns), settings.chunk)
     out.read_seconds = time.perf_counter() - t0
     out.n_groups, out.n_obs = len(stats), float(stats.n.sum())
+    fingerprint = stats_fingerprint(stats)
+    if (settings.skip_unchanged and current is not None
+            and current.version == out.current_version
+            and current.fit.get("stats_fingerprint") == fingerprint
+            and current.fit.get("method") == out.method):
+        out.status, out.version = "unchanged", current.version
+        out.message = f"no event since model v{current.version}; nothing written"
+        return _done(out, t0)
 
     t1 = time.perf_counter()
     try:
@@ -238,6 +266,7 @@ def _refresh(store: Any, spec: ModelSpec, settings: RefreshSettings, lease: Leas
         return _done(out, t0)
 
     record = ModelRecord.from_fit(result, spec, fit_seconds=out.fit_seconds)
+    record.fit["stats_fingerprint"] = fingerprint
     try:
         data = record.to_json()
     except (TypeError, ValueError) as exc:  # a record queries could not read must not be current
@@ -278,7 +307,9 @@ def _done(out: RefreshOutcome, t0: float) -> RefreshOutcome:
 
 def _report(out: RefreshOutcome) -> None:
     REFRESH_OUTCOMES.labels(out.status).inc()
-    if out.ok:
+    if out.status == "unchanged":
+        log.info("refresh: %s", out.message)
+    elif out.ok:
         MODEL_VERSION.set(out.version)
         log.info("refresh wrote model v%d: %d groups, %g events, %s criterion %.6g, "
                  "%d evaluations, %.2fs (read %.2fs, fit %.2fs)", out.version, out.n_groups,
@@ -346,7 +377,7 @@ def run_refresh(
         lease.release()
         close_store(config, store)
     if once:
-        return 0 if last is not None and last.ok else 1
+        return 0 if last is not None and last.current else 1
     return 0
 
 

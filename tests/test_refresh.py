@@ -81,7 +81,8 @@ def reference_fit(stats: GroupStats, start=None, **kw):
 
 def same_fit(record: ModelRecord, expected) -> None:
     want = expected.to_dict(ranef=False)
-    got = {k: v for k, v in record.fit.items() if k not in VOLATILE}
+    assert len(record.fit["stats_fingerprint"]) == 32  # what the refresh adds to a fit's fields
+    got = {k: v for k, v in record.fit.items() if k not in VOLATILE | {"stats_fingerprint"}}
     assert got == {k: v for k, v in want.items() if k not in VOLATILE}
     assert record.fit["optsummary"]["n_evals"] == want["optsummary"]["n_evals"]
 
@@ -111,13 +112,29 @@ def test_refresh_equals_fit_and_warm_start_is_cheaper(make_store):
     np.testing.assert_allclose(second.criterion, cold.criterion, rtol=1e-8)
 
 
-def test_refreshes_without_new_events_keep_writing_the_same_model(make_store):
-    # what a leader does every tick when no events arrived: warm starts at the optimum
+def test_refreshes_without_new_events_write_nothing_until_events_arrive(make_store):
+    store = make_store()
+    store.merge(batch(0, len(DATA.y) - 50))
+    first = refresh_once(store, SPEC)
+    assert first.ok and first.version == 1
+    for _ in range(3):
+        idle = refresh_once(store, SPEC)
+        assert idle.status == "unchanged" and idle.current and not idle.ok
+        assert idle.version == 1 and store.model_versions() == [1]
+    store.merge(batch(len(DATA.y) - 50, len(DATA.y)))
+    fresh = refresh_once(store, SPEC)
+    assert fresh.ok and fresh.version == 2 and fresh.start_version == 1
+    # a changed method is a different model, even on the same statistics
+    assert refresh_once(store, SPEC, RefreshSettings(method="ML")).ok
+
+
+def test_forced_refreshes_at_the_optimum_keep_writing_the_same_model(make_store):
+    # warm starts at the optimum, every tick, when asked to write even without new events
     store = make_store()
     store.merge(batch(0, len(DATA.y)))
     first = refresh_once(store, SPEC)
     for version in range(2, 6):
-        again = refresh_once(store, SPEC)
+        again = refresh_once(store, SPEC, RefreshSettings(skip_unchanged=False))
         assert again.ok, again.message
         assert again.version == version and again.start_version == version - 1
         np.testing.assert_allclose(again.criterion, first.criterion, rtol=1e-10)
@@ -135,7 +152,8 @@ def test_read_stats_in_small_chunks_is_identical(make_store):
         assert part.keys == whole.keys
         for name in ("n", "mean", "C"):
             np.testing.assert_array_equal(getattr(part, name), getattr(whole, name))
-        outcomes.append(refresh_once(store, SPEC, RefreshSettings(chunk=chunk, warm_start=False)))
+        outcomes.append(refresh_once(store, SPEC, RefreshSettings(
+            chunk=chunk, warm_start=False, skip_unchanged=False)))
     records = [ModelRecord.from_json(store.get_model(o.version)) for o in outcomes]
     for rec in records[1:]:
         assert {k: v for k, v in rec.fit.items() if k not in VOLATILE} == \
@@ -243,7 +261,7 @@ def test_an_expired_lease_cannot_write_even_if_nobody_took_it(make_store):
     assert store.lease_holder() is None
     with pytest.raises(StaleFenceError, match="expired"):
         store.put_model(b"late", fence=lease.token)
-    out = refresh_once(store, SPEC, lease=lease)
+    out = refresh_once(store, SPEC, RefreshSettings(skip_unchanged=False), lease=lease)
     assert out.status == "fenced" and "expired" in out.message and not out.ok
     assert store.model_versions() == [1] and store.get_model() == good
     assert store.current_model_version() == 1
@@ -272,7 +290,7 @@ def test_a_second_refresher_waits_for_the_lease(make_store):
     leader.keep_alive()
     results = {}
     waiter = threading.Thread(target=lambda: results.setdefault(
-        "second", refresh_once(other, SPEC, wait=10)))
+        "second", refresh_once(other, SPEC, RefreshSettings(skip_unchanged=False), wait=10)))
     waiter.start()
     time.sleep(0.5)
     assert waiter.is_alive() and store.model_versions() == []  # blocked, wrote nothing
@@ -303,7 +321,8 @@ def redis_config(tmp_path, redis_url, namespace):
     path = write_config(tmp_path / "streamlme.toml", SPEC,
                         redis={"url": redis_url, "namespace": namespace})
     with path.open("a") as f:
-        f.write('[refresh]\nevery = "0.2s"\nhistory = 4\n')
+        # every tick writes, so the loop tests can watch versions go by without feeding events
+        f.write('[refresh]\nevery = "0.2s"\nhistory = 4\nskip_unchanged = false\n')
     return path
 
 
@@ -396,7 +415,7 @@ def test_the_leader_loop_survives_a_redis_restart(tmp_path, redis_server_factory
     path = write_config(tmp_path / "private.toml", SPEC,
                         redis={"url": server.url, "namespace": "restart"})
     with path.open("a") as f:
-        f.write('[refresh]\nevery = "0.1s"\n')
+        f.write('[refresh]\nevery = "0.1s"\nskip_unchanged = false\n')
     config = load_config(path)
     store = RedisStore(server.url, "restart", columns=SPEC.columns)
     store.merge(batch(0, 500))
