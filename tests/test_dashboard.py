@@ -146,7 +146,7 @@ def test_plots_are_pngs_drawn_once_per_version(fed, store):
     start = time.perf_counter()
     again = api.get("/v1/plots/shrinkage.png", headers=AUTH)
     assert again.content == first.content and time.perf_counter() - start < 0.1  # from the cache
-    assert refresh_once(store, SPEC, RefreshSettings(), wait=10).ok
+    assert refresh_once(store, SPEC, RefreshSettings(skip_unchanged=False), wait=10).ok
     redrawn = api.get("/v1/plots/shrinkage.png", headers=AUTH)
     assert redrawn.headers["x-model-version"] == "2"
     assert api.get("/v1/plots/nope.png", headers=AUTH).status_code == 422

@@ -21,7 +21,7 @@ from streamlme.config import load_config
 from streamlme.demo import SPEC, simulate
 from streamlme.estimate import fit
 from streamlme.model import ModelRecord
-from streamlme.refresh import refresh_once
+from streamlme.refresh import RefreshSettings, refresh_once
 from streamlme.spec import ModelSpec
 from streamlme.stats import GroupStats
 from streamlme.store.memory import MemoryStore
@@ -251,7 +251,8 @@ def test_plot_command_end_to_end_from_a_snapshot(data, tmp_path):
     with pytest.raises(plots.PlotError, match="no model yet"):
         plots.plot_command("shrinkage", config, tmp_path / "none.png")
     for _ in range(2):  # the refresh job writes the versions, as in production
-        assert refresh_once(load_config(config)).ok
+        cfg = load_config(config)
+        assert refresh_once(cfg, settings=RefreshSettings.from_config(cfg, skip_unchanged=False)).ok
     for kind in plots.KINDS:
         out = plots.plot_command(kind, config, tmp_path / "out" / f"{kind}.png")
         assert out == tmp_path / "out" / f"{kind}.png"
