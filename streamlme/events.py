@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain
 from operator import attrgetter
 from typing import Annotated, Any, Literal, NamedTuple
 
@@ -125,7 +126,9 @@ class EventDecoder:
             self._columns: Callable[[Any], Any] = lambda e: (get_columns(e),)
         else:
             self._columns = get_columns
-        self._meta = attrgetter("group", "weight", "ts", "op")
+        # One getter per field: unzipping a tuple per event cost ~0.4 us/event, ten times these.
+        self._get_group, self._get_weight = attrgetter("group"), attrgetter("weight")
+        self._get_ts, self._get_op = attrgetter("ts"), attrgetter("op")
 
     def decode(self, values: Sequence[bytes | None]) -> DecodedBatch:
         """Decode a batch; malformed values become rejections (by position in ``values``)."""
@@ -156,13 +159,12 @@ class EventDecoder:
         self, events: list[Any], index: list[int], rejections: list[Rejection]
     ) -> DecodedBatch:
         n, d = len(events), len(self.spec.columns)
-        W = np.array(list(map(self._columns, events)), dtype=np.float64).reshape(n, d)
-        if n:
-            raw_groups, raw_weights, raw_ts, ops = zip(*map(self._meta, events), strict=True)
-        else:
-            raw_groups, raw_weights, raw_ts, ops = (), (), (), ()
-        groups = list(map(str, raw_groups))  # str(s) is s for strings: ids stay as sent
-        weights = np.array(raw_weights, dtype=np.float64)
+        W = np.fromiter(chain.from_iterable(map(self._columns, events)), dtype=np.float64,
+                        count=n * d).reshape(n, d)
+        groups = list(map(str, map(self._get_group, events)))  # str(s) is s: ids stay as sent
+        weights = np.fromiter(map(self._get_weight, events), dtype=np.float64, count=n)
+        raw_ts = list(map(self._get_ts, events))
+        ops = list(map(self._get_op, events))
         if raw_ts.count(None) == n:
             ts = np.full(n, np.nan)
         else:
