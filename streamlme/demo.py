@@ -155,6 +155,8 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
     finally:
         close_store(config, store)
 
+    from streamlme.plots import shrinkage_data
+
     eff = model.effects(stats)
     true_G = _user_basis(TRUE_G_CENTRED)
     report_: dict[str, Any] = {
@@ -187,6 +189,12 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
         half = 1.96 * np.sqrt(var[i])
         say(f"  {eff.keys[i]}  {offset[i]:+6.2f}  [{offset[i] - half:+6.2f}, {offset[i] + half:+6.2f}]"
             f"  n={int(eff.n[i]):>6}  {1 - var[i] / prior:4.0%}")
+    say("\nThe smallest hospitals, pulled towards the average (offset at their own patients' mean "
+        "age: own data alone -> mixed model):")
+    shrunk = shrinkage_data(stats, SPEC, model)
+    for i in np.argsort(shrunk.n, kind="stable")[:6]:
+        say(f"  {shrunk.keys[i]}  n={int(shrunk.n[i]):>3}  {shrunk.raw[i]:+6.2f} -> "
+            f"{shrunk.blup[i]:+6.2f}   ({shrunk.reliability[i]:4.0%} from its own data)")
     say("\nHeld-back patients, RMSE of predicted length of stay:")
     for name, value in report_["holdout_rmse"].items():
         say(f"  {name:<28} {value:.4f}")
