@@ -120,10 +120,12 @@ def config_check(path: str) -> None:
               help="Stop after this many seconds without events.")
 @click.option("--input", "input_path", default=None,
               help="Read JSON lines from this file (- for stdin) instead of Kafka.")
+@click.option("--dead-letters", "dead_letters", default=None, type=click.Path(dir_okay=False),
+              help="With --input: append refused lines to this JSON-lines file, with reasons.")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve this process's Prometheus metrics at http://127.0.0.1:PORT/metrics.")
 def consume(config_path: str, max_events: int | None, until_idle: float | None,
-            input_path: str | None, metrics_port: int | None) -> None:
+            input_path: str | None, dead_letters: str | None, metrics_port: int | None) -> None:
     """Fold events from Kafka (or JSON lines) into the per-group statistics; prints a JSON report."""
     from streamlme.config import ConfigError
     from streamlme.stream.app import run_consume
@@ -134,7 +136,7 @@ def consume(config_path: str, max_events: int | None, until_idle: float | None,
     if cfg.kafka is None and input_path is None:
         input_path = "-"
     try:
-        report = run_consume(cfg, max_events, until_idle, input_path)
+        report = run_consume(cfg, max_events, until_idle, input_path, dead_letters)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
     emit_json(report.to_dict())

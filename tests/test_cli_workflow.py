@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -43,10 +44,15 @@ def test_embedded_tour(tmp_path) -> None:
     cfg = write_config(tmp_path / "s.toml", d.spec, snapshot=str(tmp_path / "state.npz"))
     assert cli("config", "check", str(cfg)).returncode == 0
 
-    consumed = cli("consume", "--config", str(cfg), "--input", str(events))
+    dead = tmp_path / "dead.jsonl"
+    consumed = cli("consume", "--config", str(cfg), "--input", str(events), "--dead-letters",
+                   str(dead))
     assert consumed.returncode == 0, consumed.stderr
     report = json.loads(consumed.stdout)
     assert report["events_applied"] == len(d.y) and report["rejected"] == {"non_numeric": 1}
+    [letter] = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert letter["code"] == "non_numeric" and letter["offset"] == len(d.y)  # its line number
+    assert base64.b64decode(letter["value_b64"]) == b'{"g": "grp1", "x": "oops"}'
 
     no_model = cli("effect", "grp1", "--config", str(cfg))
     assert no_model.returncode != 0 and "refresh" in no_model.stderr

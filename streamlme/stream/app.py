@@ -17,7 +17,12 @@ from streamlme.config import Config, ConfigError
 from streamlme.events import EventDecoder, RejectionLog
 from streamlme.store.base import StateStore
 from streamlme.stream.consumer import ConsumeReport, Ingestor
-from streamlme.stream.dlq import DeadLetters, KafkaDeadLetters, LoggedDeadLetters
+from streamlme.stream.dlq import (
+    DeadLetters,
+    FileDeadLetters,
+    KafkaDeadLetters,
+    LoggedDeadLetters,
+)
 from streamlme.stream.publish import publish_file
 from streamlme.stream.source import JsonLinesSource, KafkaSource, Source
 
@@ -60,10 +65,13 @@ def close_store(config: Config, store: StateStore) -> None:
         client.close()
 
 
-def make_source(config: Config, input_path: str | None) -> tuple[Source, DeadLetters]:
-    """The configured Kafka topic, or the JSON-lines input (``"-"`` is stdin)."""
+def make_source(config: Config, input_path: str | None,
+                dead_letters: str | None = None) -> tuple[Source, DeadLetters]:
+    """The configured Kafka topic, or the JSON-lines input (``"-"`` is stdin); a JSON-lines
+    input's refused lines go to the ``dead_letters`` file if given, else are only counted."""
     if input_path is not None:
-        return JsonLinesSource(input_path), LoggedDeadLetters()
+        sink = FileDeadLetters(dead_letters) if dead_letters else LoggedDeadLetters()
+        return JsonLinesSource(input_path), sink
     if config.kafka is None:
         raise ConfigError([
             f"{config.source}: kafka: not configured, so consume reads JSON lines; "
@@ -76,15 +84,16 @@ def make_source(config: Config, input_path: str | None) -> tuple[Source, DeadLet
     )
 
 
-def make_ingestor(config: Config, store: StateStore, input_path: str | None = None) -> Ingestor:
-    source, dead_letters = make_source(config, input_path)
+def make_ingestor(config: Config, store: StateStore, input_path: str | None = None,
+                  dead_letters: str | None = None) -> Ingestor:
+    source, dead_letter_sink = make_source(config, input_path, dead_letters)
     k = config.kafka if input_path is None else None
     decoder = EventDecoder(
         config.spec, k.max_message_bytes if k is not None else EMBEDDED_MAX_MESSAGE_BYTES
     )
     rejections = RejectionLog()
     return Ingestor(
-        source, store, decoder, dead_letters,
+        source, store, decoder, dead_letter_sink,
         batch_max_events=k.batch_max_events if k is not None else EMBEDDED_BATCH_EVENTS,
         batch_max_seconds=k.batch_max_seconds if k is not None else EMBEDDED_BATCH_SECONDS,
         half_life=config.model.half_life,
@@ -97,13 +106,18 @@ def run_consume(
     max_events: int | None = None,
     until_idle: float | None = None,
     source: str | None = None,
+    dead_letters: str | None = None,
 ) -> ConsumeReport:
     """Consume until SIGTERM/SIGINT, ``max_events`` read, ``until_idle`` seconds without events,
-    or (for a file) its end. ``source`` is a JSON-lines file or ``"-"`` for stdin; None reads
-    the configured Kafka topic."""
+    or (for a file) its end. ``source`` is a JSON-lines file or ``"-"`` for stdin, whose refused
+    lines go to the ``dead_letters`` JSON-lines file if given; None reads the configured Kafka
+    topic (refused events go to its dead-letter topic)."""
+    if dead_letters is not None and source is None:
+        raise ConfigError([f"{config.source}: consume from Kafka sends refused events to "
+                           "kafka.dead_letter_topic; --dead-letters is for --input FILE"])
     store = make_store(config)
     try:
-        ingestor = make_ingestor(config, store, source)
+        ingestor = make_ingestor(config, store, source, dead_letters)
         ingestor.install_signal_handlers()
         return ingestor.run(max_events=max_events, until_idle=until_idle)
     finally:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 from collections import Counter
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -156,3 +157,43 @@ class LoggedDeadLetters:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+class FileDeadLetters:
+    """Embedded mode: refused events appended to a JSON-lines file, one dead-letter record a line.
+
+    `flush` writes and fsyncs, so the same ordering guarantee as the Kafka topic holds.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "dead.jsonl")
+    >>> dlq = FileDeadLetters(path)
+    >>> dlq.add("not_an_object: got array", "file:events.jsonl", 0, 7, None, b"[1]")
+    >>> dlq.flush(); dlq.close()
+    >>> rec = msgspec.json.decode(open(path, "rb").readline(), type=DeadLetterRecord)
+    >>> rec.code, rec.offset, rec.value()
+    ('not_an_object', 7, b'[1]')
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.counts: Counter[str] = Counter()
+        self._pending: list[bytes] = []
+        self._file = open(self.path, "ab")  # noqa: SIM115 - held for the consumer's lifetime
+
+    def add(
+        self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
+    ) -> None:
+        self._pending.append(encode_dead_letter(reason, topic, partition, offset, key, value))
+        self.counts[reason_code(reason)] += 1
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self._file.write(b"".join(line + b"\n" for line in self._pending))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._pending = []
+
+    def close(self) -> None:
+        self.flush()
+        self._file.close()
