@@ -168,6 +168,24 @@ def _gradient_numpy(
 
 if numba is not None:
 
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _drain_upper(SS, blk):
+        """SS += blk on the upper triangle and clear blk: a block's partial sums join the total
+        only once per BLOCK groups, so rounding grows like log G rather than G."""
+        m = SS.shape[0]
+        for c in range(m):
+            for d in range(c, m):
+                SS[c, d] += blk[c, d]
+                blk[c, d] = 0.0
+
+    @numba.njit(cache=True, nogil=True, inline="always")
+    def _mirror_upper(SS):
+        """Copy the upper triangle into the lower one."""
+        m = SS.shape[0]
+        for c in range(m):
+            for d in range(c):
+                SS[c, d] = SS[d, c]
+
     @numba.njit(cache=True, nogil=True, error_model="numpy")
     def _deviance_numba(ZtZ, ZtXy, Lam):
         G, q, m = ZtXy.shape
@@ -223,13 +241,8 @@ if numba is not None:
                         s += RZXy[g, i, c] * RZXy[g, i, d]
                     blk[c, d] += s
             if (g + 1) % BLOCK == 0 or g == G - 1:
-                for c in range(m):
-                    for d in range(c, m):
-                        SS[c, d] += blk[c, d]
-                        blk[c, d] = 0.0
-        for c in range(m):
-            for d in range(c):
-                SS[c, d] = SS[d, c]
+                _drain_upper(SS, blk)
+        _mirror_upper(SS)
         return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -359,13 +372,8 @@ if numba is not None:
                 for j in range(k, m):
                     blk[k, j] += r[k] * r[j]
             if (g + 1) % BLOCK == 0 or g == G - 1:
-                for k in range(m):
-                    for j in range(k, m):
-                        SS[k, j] += blk[k, j]
-                        blk[k, j] = 0.0
-        for k in range(m):
-            for j in range(k):
-                SS[k, j] = SS[j, k]
+                _drain_upper(SS, blk)
+        _mirror_upper(SS)
         return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -449,13 +457,8 @@ if numba is not None:
                 for j in range(k, m):
                     blk[k, j] += r0[k] * r0[j] + r1[k] * r1[j]
             if (g + 1) % BLOCK == 0 or g == G - 1:
-                for k in range(m):
-                    for j in range(k, m):
-                        SS[k, j] += blk[k, j]
-                        blk[k, j] = 0.0
-        for k in range(m):
-            for j in range(k):
-                SS[k, j] = SS[j, k]
+                _drain_upper(SS, blk)
+        _mirror_upper(SS)
         return L, RZXy, SS, 2.0 * (logdet + np.log(prod))
 
     @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -532,4 +535,5 @@ if numba is not None:
 
 else:  # pragma: no cover
     _deviance_numba = _gradient_numba = _deviance_q1 = _gradient_q1 = None
+    _drain_upper = _mirror_upper = None
     _deviance_q2 = _gradient_q2 = _factor_q2 = None
