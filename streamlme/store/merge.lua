@@ -128,6 +128,20 @@ local function flush(pairs_, members)
 end
 
 local delta = {}
+
+-- The co-moment part of the pairwise update, upper triangle in place: s_C + b_C + w delta delta'
+-- (sign +1, merge) or s_C - b_C - w delta delta' (sign -1, retract), delta the means' difference.
+-- Multiplying by +-1 is exact, so each sum rounds as in streamlme.stats, to the bit.
+local function comoments(s, b, w, sign)
+  local k = c0
+  for row = 1, d do
+    local wd = w * delta[row]
+    for col = row, d do
+      k = k + 1
+      s[k] = s[k] + sign * b[k] + sign * (wd * delta[col])
+    end
+  end
+end
 local written = {}  -- new values by key, so retractions see this batch's additions
 
 -- 4. additions: pairwise (Chan et al.) merge, as merge_moments, computed in place in a
@@ -161,15 +175,7 @@ for i = 1, na do
     delta[j] = dj
     a[2 + j] = m + dj * r
   end
-  local w = n_a * n_b / safe
-  local k = c0
-  for row = 1, d do
-    local wd = w * delta[row]
-    for col = row, d do
-      k = k + 1
-      a[k] = a[k] + b[k] + wd * delta[col]
-    end
-  end
+  comoments(a, b, n_a * n_b / safe, 1)
   a[1] = n
   a[2] = fmax(a[2], b[2])
   local v = pack(a)
@@ -205,15 +211,7 @@ for i = 1, nr do
         delta[j] = b[2 + j] - m_a
         s[2 + j] = m_a
       end
-      local w = n_a * n_b / n
-      local k = c0
-      for row = 1, d do
-        local wd = w * delta[row]
-        for col = row, d do
-          k = k + 1
-          s[k] = s[k] - b[k] - wd * delta[col]
-        end
-      end
+      comoments(s, b, n_a * n_b / n, -1)
       s[1] = n_a
     end
     local v = pack(s)
