@@ -162,8 +162,8 @@ def _start_theta(par: Parametrisation, start: FitResult | Mapping[str, Any] | No
     theta_user = np.asarray(start.theta if isinstance(start, FitResult) else start["theta"], float)
     if theta_user.shape != (par.n_theta,) or not np.isfinite(theta_user).all():
         return par.start()
-    user = Parametrisation(par.q, par.covariance, np.eye(par.q))
-    theta0 = par.from_user_factor(user.placed(theta_user))
+    # placed() only lays theta out in lme4's order, which is the same in either basis
+    theta0 = par.from_user_factor(par.placed(theta_user))
     # A start exactly on the boundary can trap a bounded optimiser there; nudge it inside.
     on_bound = (par.lower == 0.0) & (theta0 < 1e-4)
     theta0[on_bound] = 1e-4
