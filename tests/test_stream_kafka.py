@@ -98,7 +98,13 @@ def test_streaming_equals_batch(tmp_path, kafka_bootstrap, kafka_topic, redis_ur
     assert live.converged and batch["converged"]
     assert abs(live.criterion - batch["criterion"]) <= 1e-9 * abs(batch["criterion"])
     np.testing.assert_allclose(live.beta, list(batch["beta"].values()), rtol=1e-7)
-    np.testing.assert_allclose(live.G, batch["G"], rtol=1e-6)
+    # Each element of G to 1e-6 of its own scale, sqrt(G_ii G_jj): this data's covariance is
+    # ~0.003 of that scale, and statistics that differ by rounding (streamed in timing-dependent
+    # batches vs one pass) move a near-zero covariance by ~1e-6 of itself (measured: a 1e-10
+    # relative change of the means moves G_01 by 4.5e-7 of itself and G_11 by 6e-9).
+    G_batch = np.asarray(batch["G"])
+    scale = np.sqrt(np.outer(np.diag(G_batch), np.diag(G_batch)))
+    assert np.all(np.abs(live.G - G_batch) <= 1e-6 * scale)
     np.testing.assert_allclose(live.sigma2, batch["sigma2"], rtol=1e-7)
     assert batch["n_obs"] == 200_000 and batch["n_groups"] == 5_000
 
