@@ -32,6 +32,45 @@ class OptSummary:
 
 
 @dataclass
+class TermFit:
+    """One random-effect term of a fit: lme4's ``VarCorr`` row block and ``ranef`` for it.
+
+    ``group`` is the grouping factor as the formula writes it (``plate``, ``batch:cask``),
+    ``random`` the names of the term's random effects, ``G`` their covariance (user basis) and
+    ``theta`` lme4's relative factor elements for this term. ``levels`` names the factor's levels
+    (an interaction's level joins its parts with ``:``, as lme4 does), and ``ranef`` (L, q) and
+    ``ranef_var`` (L, q, q) are their conditional modes and conditional covariances.
+    """
+
+    group: str
+    random: list[str]
+    covariance: str
+    G: Array
+    theta: Array
+    levels: list[str] = field(default_factory=list)
+    ranef: Array | None = None
+    ranef_var: Array | None = None
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.levels)
+
+    def to_dict(self, ranef: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "group": self.group,
+            "random": list(self.random),
+            "covariance": self.covariance,
+            "G": np.asarray(self.G).tolist(),
+            "theta": np.asarray(self.theta).tolist(),
+            "n_levels": self.n_levels,
+        }
+        if ranef and self.ranef is not None and self.ranef_var is not None:
+            out["ranef"] = {k: v.tolist() for k, v in zip(self.levels, self.ranef)}
+            out["ranef_var"] = {k: v.tolist() for k, v in zip(self.levels, self.ranef_var)}
+        return out
+
+
+@dataclass
 class FitResult:
     """A fitted linear mixed model.
 
@@ -66,6 +105,8 @@ class FitResult:
     warnings: list[str] = field(default_factory=list)
     z_centre: Array | None = None
     G_centred: Array | None = None
+    #: every random-effect term, in the formula's order; a one-term fit has one entry
+    terms: list[TermFit] = field(default_factory=list)
 
     @property
     def n_params(self) -> int:
