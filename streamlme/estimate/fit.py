@@ -10,18 +10,21 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
-from streamlme.estimate.crossprod import CrossProducts, cross_products
+from streamlme.estimate.crossprod import CrossProducts, DataError, cross_products
 from streamlme.estimate.pls import NumericalError, PLSState, evaluate, gradient
-from streamlme.estimate.result import FitResult, OptSummary
+from streamlme.estimate.result import FitResult, OptSummary, TermFit
 from streamlme.estimate.theta import Parametrisation
-from streamlme.spec import ModelSpec
+from streamlme.spec import INTERCEPT, ModelSpec
 from streamlme.stats import GroupStats
+
+if TYPE_CHECKING:
+    from streamlme.estimate.blocked import CellDesign
 
 Array = NDArray[np.float64]
 
@@ -54,12 +57,66 @@ def fit(
     bounds optimiser iterations.
     """
     method = (method or spec.method).upper()
+    if len(spec.terms) > 1:
+        if method not in ("REML", "ML"):
+            raise ValueError(f"method {method!r}: a model with several random-effect terms is "
+                             "fitted by REML or ML")
+        from streamlme.estimate.blocked import fit_cells
+
+        return fit_cells(cell_design(stats, spec), method, start=start, tol=tol,
+                         max_iter=max_iter, ranef=ranef)
     if method == "EM":
         from streamlme.estimate.em import fit_em
 
-        return fit_em(stats, spec, start=start, tol=tol, max_iter=max_iter, ranef=ranef)
+        return with_terms(fit_em(stats, spec, start=start, tol=tol, max_iter=max_iter,
+                                 ranef=ranef), spec)
     if method not in ("REML", "ML"):
         raise ValueError(f"method {method!r} is not one of REML, ML, EM")
+    return with_terms(_fit_one_term(stats, spec, method, start, tol, max_iter, ranef), spec)
+
+
+def with_terms(res: FitResult, spec: ModelSpec) -> FitResult:
+    """Fill ``terms`` of a one-term fit, naming its levels as lme4 does (``A:a``)."""
+    term = spec.terms[0]
+    if len(spec.grouping_columns) > 1:
+        res.group_keys = spec.term_levels(term, spec.cell_levels(res.group_keys))
+    res.terms = [TermFit(term.group, list(res.random), res.covariance, res.G, res.theta,
+                         list(res.group_keys), res.ranef, res.ranef_var)]
+    return res
+
+
+def cell_design(stats: GroupStats, spec: ModelSpec) -> CellDesign:
+    """The per-cell statistics of a several-term model, with each term's level of every cell."""
+    from streamlme.estimate.blocked import CellDesign, TermDesign
+
+    if stats.d != len(spec.columns):
+        raise DataError(
+            f"statistics have {stats.d} columns but the model needs {len(spec.columns)} "
+            f"({', '.join(spec.columns)})"
+        )
+    live = stats.n > 0
+    if not live.all():
+        stats = stats.select([k for k, ok in zip(stats.keys, live) if ok])
+    cells = spec.cell_levels(stats.keys)
+    terms = []
+    for term in spec.terms:
+        levels, codes = np.unique(np.asarray(spec.term_levels(term, cells), dtype=object),
+                                  return_inverse=True)
+        terms.append(TermDesign(
+            group=term.group, random=term.names,
+            columns=[-1 if r == INTERCEPT else spec.columns.index(r) for r in term.random],
+            covariance=term.covariance, levels=[str(v) for v in levels],
+            codes=np.asarray(codes, dtype=np.intp).ravel()))
+    return CellDesign(
+        n=stats.n, mean=stats.mean, C=stats.C,
+        fixed=[-1 if f == INTERCEPT else spec.columns.index(f) for f in spec.fixed],
+        fixed_names=spec.fixed_names, terms=terms)
+
+
+def _fit_one_term(
+    stats: GroupStats, spec: ModelSpec, method: str, start: FitResult | Mapping[str, Any] | None,
+    tol: float, max_iter: int, ranef: bool,
+) -> FitResult:
     cp = cross_products(stats, spec)
     par = Parametrisation(cp.q, spec.covariance, cp.T_Z, cp.z_scale)
     theta0 = _start_theta(par, start)

@@ -169,11 +169,21 @@ class FitResult:
         if ranef and self.ranef is not None and self.ranef_var is not None:
             out["ranef"] = {k: v.tolist() for k, v in zip(self.group_keys, self.ranef)}
             out["ranef_var"] = {k: v.tolist() for k, v in zip(self.group_keys, self.ranef_var)}
+        if self.terms:
+            out["terms"] = [t.to_dict(ranef=ranef) for t in self.terms]
         return out
+
+    def _terms(self) -> list[TermFit]:
+        """The terms, or for a result built without them its one term (named "group")."""
+        if self.terms:
+            return self.terms
+        return [TermFit("group", list(self.random), self.covariance, self.G, self.theta,
+                        list(self.group_keys))]
 
     def summary(self) -> str:
         """A text summary laid out like lme4's ``summary(merMod)``."""
         crit = "REML criterion at convergence" if self.method == "REML" else "deviance"
+        width = max(9, *(len(t.group) + 1 for t in self._terms()))
         lines = [
             f"Linear mixed model fit by {_method_words(self.method)}",
             "",
@@ -182,21 +192,25 @@ class FitResult:
                  f"{self.loglik:8.1f} {self.criterion:8.1f}",
             "",
             "Random effects:",
-            f" {'Groups':<9}{'Name':<13}{'Variance':>12}{'Std.Dev.':>11}"
-            + ("  Corr" if len(self.random) > 1 and self.covariance == "unstructured" else ""),
+            f" {'Groups':<{width}}{'Name':<13}{'Variance':>12}{'Std.Dev.':>11}"
+            + ("  Corr" if any(len(t.random) > 1 and t.covariance == "unstructured"
+                               for t in self._terms()) else ""),
         ]
-        sd = np.sqrt(np.maximum(np.diag(self.G), 0.0))
-        for i, name in enumerate(self.random):
-            row = f" {'group' if i == 0 else '':<9}{name:<13}{self.G[i, i]:>12.4g}{sd[i]:>11.4g}"
-            if self.covariance == "unstructured" and i > 0:
-                corr = [self.G[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else float("nan")
-                        for j in range(i)]
-                row += "  " + " ".join(f"{c:5.2f}" for c in corr)
-            lines.append(row)
+        for term in self._terms():
+            G = np.asarray(term.G)
+            sd = np.sqrt(np.maximum(np.diag(G), 0.0))
+            for i, name in enumerate(term.random):
+                row = f" {term.group if i == 0 else '':<{width}}{name:<13}{G[i, i]:>12.4g}{sd[i]:>11.4g}"
+                if term.covariance == "unstructured" and i > 0:
+                    corr = [G[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else float("nan")
+                            for j in range(i)]
+                    row += "  " + " ".join(f"{c:5.2f}" for c in corr)
+                lines.append(row)
         lines.append(
-            f" {'Residual':<9}{'':<13}{self.sigma2:>12.4g}{math.sqrt(self.sigma2):>11.4g}"
+            f" {'Residual':<{width}}{'':<13}{self.sigma2:>12.4g}{math.sqrt(self.sigma2):>11.4g}"
         )
-        lines.append(f"Number of obs: {_num(self.n_obs)}, groups: {self.n_groups}")
+        counts = "; ".join(f"{t.group}, {t.n_levels or self.n_groups}" for t in self._terms())
+        lines.append(f"Number of obs: {_num(self.n_obs)}, groups:  {counts}")
         lines += ["", "Fixed effects:", f"{'':<14}{'Estimate':>12}{'Std. Error':>12}{'t value':>9}"]
         for name, b, se in zip(self.fixed, self.beta, self.beta_se):
             lines.append(f"{name:<14}{b:>12.4f}{se:>12.4f}{b / se:>9.3f}")
