@@ -9,8 +9,9 @@ from streamlme.stats import GroupStats, StatsError
 
 if TYPE_CHECKING:
     from streamlme.client import Client
+    from streamlme.lmm import LMMResult, lmer
 
-__all__ = ["Client", "GroupStats", "ModelSpec", "SpecError", "StatsError"]
+__all__ = ["Client", "GroupStats", "LMMResult", "ModelSpec", "SpecError", "StatsError", "lmer"]
 __version__ = "0.1.0"
 
 
@@ -20,4 +21,9 @@ def __getattr__(name: str) -> Any:
         from streamlme.client import Client
 
         return Client
+    # lmer pulls in pandas, scipy and formulaic; `import streamlme` stays light without them
+    if name in ("lmer", "LMMResult"):
+        from streamlme import lmm as module
+
+        return getattr(module, name)
     raise AttributeError(f"module 'streamlme' has no attribute {name!r}")

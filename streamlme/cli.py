@@ -33,13 +33,17 @@ def main() -> None:
 
 @main.command()
 @click.argument("data", type=click.Path(dir_okay=False))
-@click.option("--response", required=True, help="Column holding y.")
-@click.option("--fixed", required=True, help='Fixed terms, comma separated; "1" is the intercept.')
-@click.option("--random", "random_", required=True, help='Random terms per group, e.g. "1,Days".')
-@click.option("--group", required=True, help="Column holding the group id.")
+@click.argument("formula_arg", metavar="[FORMULA]", required=False)
+@click.option("--formula", help='An lme4 formula, e.g. "Reaction ~ Days + (Days | Subject)"; '
+              "categorical columns and their levels come from the data, as in lme4.")
+@click.option("--response", help="One-term shorthand: the column holding y.")
+@click.option("--fixed", help='One-term shorthand: fixed terms, comma separated; "1" is the '
+              "intercept.")
+@click.option("--random", "random_", help='One-term shorthand: random terms, e.g. "1,Days".')
+@click.option("--group", multiple=True, help="One-term shorthand: the column holding the group id.")
 @click.option("--covariance", type=click.Choice(["unstructured", "diagonal"]),
               default="unstructured", show_default=True,
-              help="unstructured = lme4 (1 + x | g); diagonal = lme4 (1 + x || g).")
+              help="One-term shorthand: unstructured = lme4 (1 + x | g); diagonal = (1 + x || g).")
 @click.option("--method", type=click.Choice(["REML", "ML", "EM"], case_sensitive=False),
               default="REML", show_default=True)
 @click.option("--tol", type=float, default=1e-10, show_default=True,
@@ -47,29 +51,69 @@ def main() -> None:
 @click.option("--max-iter", type=int, default=500, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-ranef", is_flag=True, help="Leave conditional modes out of --json output.")
-def fit(data: str, response: str, fixed: str, random_: str, group: str, covariance: str,
+def fit(data: str, formula_arg: str | None, formula: str | None, response: str | None,
+        fixed: str | None, random_: str | None, group: tuple[str, ...], covariance: str,
         method: str, tol: float, max_iter: int, as_json: bool, no_ranef: bool) -> None:
-    """Fit a linear mixed model to a CSV / JSON-lines / Parquet file (batch, same engine)."""
-    from streamlme.data import DataFileError, stats_from_file
+    """Fit a linear mixed model to a CSV / JSON-lines / Parquet file (batch, same engine).
+
+    Example: streamlme fit sleep.csv "Reaction ~ Days + (Days | Subject)"
+    """
+    from streamlme.data import DataFileError, read_table
     from streamlme.estimate import DataError
-    from streamlme.estimate import fit as fit_stats
+    from streamlme.lmm import lmer
 
     try:
-        spec = ModelSpec(response=response, fixed=fixed.split(","), random=random_.split(","),
-                         group=group, covariance=covariance, method=method.upper())
-        stats = stats_from_file(data, spec)
+        spec_or_formula = _fit_model(formula_arg, formula, response, fixed, random_, group,
+                                     covariance)
+        frame = read_table(data, _text_columns(spec_or_formula))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            result = fit_stats(stats, spec, tol=tol, max_iter=max_iter, ranef=not no_ranef)
+            result = lmer(spec_or_formula, frame, method=method.upper(), tol=tol,
+                          max_iter=max_iter, ranef=not no_ranef)
     except (SpecError, DataFileError, DataError) as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        emit_json(result.to_dict(ranef=not no_ranef))
+        emit_json(result.fit.to_dict(ranef=not no_ranef))
     else:
-        click.echo(f"Formula: {spec.formula}")
         click.echo(result.summary())
-    if not result.converged:
+    if not result.fit.converged:
         sys.exit(1)
+
+
+def _fit_model(formula_arg: str | None, formula: str | None, response: str | None,
+               fixed: str | None, random_: str | None, group: tuple[str, ...],
+               covariance: str) -> ModelSpec | str:
+    """The formula, or the spec the one-term shorthand options describe."""
+    shorthand = {"--response": response, "--fixed": fixed, "--random": random_,
+                 "--group": group or None}
+    given = formula or formula_arg
+    if formula and formula_arg:
+        raise SpecError("give the formula once: as the second argument or as --formula")
+    if given:
+        extra = [k for k, v in shorthand.items() if v]
+        if extra:
+            raise SpecError(f"{', '.join(extra)} describe the model a formula describes; "
+                            "give the formula or the one-term options, not both")
+        return given
+    if len(group) > 1:
+        raise SpecError("--group names one grouping factor; for several (nested or crossed), "
+                        'use --formula, e.g. --formula "y ~ x + (1 | plate) + (1 | sample)"')
+    missing = [k for k, v in shorthand.items() if not v]
+    if missing:
+        raise SpecError(f"missing {', '.join(missing)}: give a formula such as "
+                        '"y ~ x + (1 | g)" or all of --response, --fixed, --random, --group')
+    return ModelSpec(response=response, fixed=fixed.split(","),  # type: ignore[union-attr]
+                     random=random_.split(","), group=group[0],  # type: ignore[union-attr]
+                     covariance=covariance)
+
+
+def _text_columns(model: ModelSpec | str) -> tuple[str, ...]:
+    """Grouping columns, to be read as text; a formula's are found without its data."""
+    if isinstance(model, ModelSpec):
+        return model.grouping_columns
+    from streamlme.formula import grouping_columns
+
+    return grouping_columns(model)
 
 
 def _load(config_path: str):  # -> Config

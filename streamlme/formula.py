@@ -94,6 +94,21 @@ def parse(
                      design=coder.design, formula=" ".join(text.split()))
 
 
+def grouping_columns(formula: str) -> tuple[str, ...]:
+    """The grouping columns of a formula's bar terms, read without parsing the rest."""
+    text = formula.strip()
+    tilde = text.find("~")
+    if tilde < 0:
+        raise FormulaError(text, len(text), "expected '~' between the response and the terms")
+    out: list[str] = []
+    for start, piece in _split_top(text, tilde + 1):
+        bar = _bar(text, start, piece)
+        if bar is not None:
+            for factors in _factors(text, bar[3], bar[2]):
+                out += [f for f in factors if f not in out]
+    return tuple(out)
+
+
 def _split_top(text: str, begin: int) -> list[tuple[int, str]]:
     """The rhs split at top-level ``+``: (start index, piece) with balanced parentheses."""
     pieces: list[tuple[int, str]] = []
@@ -257,7 +272,7 @@ class _Coder:
         for start, piece in pieces:
             try:
                 Formula("~ " + piece)
-            except Exception as inner:  # noqa: BLE001 - any failure locates the piece
+            except Exception as inner:  # any failure locates the piece
                 marked = str(inner).split("\n")[-1]
                 k = marked.find("\u29db")
                 at = start + max(k - 2, 0) if k >= 0 else start

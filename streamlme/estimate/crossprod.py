@@ -147,7 +147,13 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
         if t != INTERCEPT:
             k = cols.index(t)
             if not scale[k] > 1e-12 * max(abs(M[k]), 1.0):
-                raise DataError(f"random term {t!r} has no variation (every value is {M[k]:g})")
+                if r[k] != 0.0 or M[k] == 0.0:
+                    raise DataError(
+                        f"random term {t!r} is {M[k]:g} in every row: beside an intercept it "
+                        "spans nothing the intercept does not; drop one of them")
+                # a constant column is an intercept under its own name (statsmodels-style
+                # designs carry one): scale it to 1 rather than to unit spread
+                scale[k] = abs(M[k])
 
     e = np.concatenate([np.ones((len(stats), 1)), stats.mean - r], axis=1)
     # z_s = z_c / s for random covariates: b_c = diag(1/s) b_s
