@@ -130,7 +130,7 @@ def _split_top(text: str, begin: int) -> list[tuple[int, str]]:
     out = []
     for s, p in pieces:
         if not p.strip():
-            raise FormulaError(text, s, "expected a term between '+' signs")
+            raise FormulaError(text, s + len(p), "expected a term between '+' signs")
         lead = len(p) - len(p.lstrip())
         out.append((s + lead, p.strip()))
     return out

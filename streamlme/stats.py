@@ -145,13 +145,27 @@ class GroupStats:
         weights: ArrayLike | None = None,
         ts: ArrayLike | None = None,
         half_life: float | None = None,
+        *,
+        columns: Sequence[str] | None = None,
     ) -> GroupStats:
         """Summarise rows in one vectorised pass.
 
         ``groups`` holds each row's group id (converted to ``str``), ``W`` the rows (N, d).
-        With ``half_life`` and event times ``ts``, each row is weighted by
-        2^(-(t_group - ts)/half_life) where t_group is the group's latest event time.
+        ``W`` may be a data frame: then ``columns`` (a spec's ``columns``) picks and orders
+        its columns, so that they line up with the model's. With ``half_life`` and event times
+        ``ts``, each row is weighted by 2^(-(t_group - ts)/half_life) where t_group is the
+        group's latest event time.
         """
+        if hasattr(W, "columns"):
+            if columns is None:
+                raise StatsError("W is a data frame: pass columns=spec.columns so that its "
+                                 "columns are taken in the model's order")
+            missing = [c for c in columns if c not in W.columns]  # type: ignore[union-attr]
+            if missing:
+                raise StatsError(f"W lacks column(s) {missing}")
+            W = W[list(columns)].to_numpy(dtype=float)  # type: ignore[index]
+        elif columns is not None and np.shape(W)[-1] != len(columns):
+            raise StatsError(f"W has {np.shape(W)[-1]} columns but columns names {len(columns)}")
         labels = np.asarray(groups)
         if labels.ndim != 1:
             raise StatsError("groups must be one-dimensional")

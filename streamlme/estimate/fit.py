@@ -56,6 +56,7 @@ def fit(
     relative tolerance on the deviance (and, for EM, the default stopping rule), ``max_iter``
     bounds optimiser iterations.
     """
+    _check_arguments(stats, spec)
     method = (method or spec.method).upper()
     if len(spec.terms) > 1:
         if method not in ("REML", "ML"):
@@ -73,6 +74,18 @@ def fit(
     if method not in ("REML", "ML"):
         raise ValueError(f"method {method!r} is not one of REML, ML, EM")
     return with_terms(_fit_one_term(stats, spec, method, start, tol, max_iter, ranef), spec)
+
+
+def _check_arguments(stats: object, spec: object) -> None:
+    """Say what was passed where, rather than failing on a missing attribute later."""
+    if not isinstance(spec, ModelSpec):
+        hint = (" (for a formula, pass ModelSpec.from_formula(formula))" if isinstance(spec, str)
+                else "")
+        raise TypeError(f"spec: expected a ModelSpec, got {type(spec).__name__}{hint}")
+    if not isinstance(stats, GroupStats):
+        hint = (" (to fit rows of a data frame, call streamlme.lmer(formula, df))"
+                if hasattr(stats, "columns") else "")
+        raise TypeError(f"stats: expected GroupStats, got {type(stats).__name__}{hint}")
 
 
 def with_terms(res: FitResult, spec: ModelSpec) -> FitResult:
