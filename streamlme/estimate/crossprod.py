@@ -136,6 +136,7 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
         raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
     r = reference_point(spec, M)
     cols = spec.columns
+    _check_constant(spec, M, C_pool, N, r)
     # index of each term in the augmented vector u = (1, w - r)
     aug = {INTERCEPT: 0, **{c: 1 + k for k, c in enumerate(cols)}}
     ix = [aug[t] for t in spec.fixed]
@@ -183,6 +184,18 @@ def _block(n: Array, e: Array, C: Array, rows: list[int], cols: list[int]) -> Ar
         a, b = np.nonzero(both)
         out[:, a, b] += C[:, ri[a] - 1, ci[b] - 1]
     return out
+
+
+def _check_constant(spec: ModelSpec, M: Array, C_pool: Array, N: float, r: Array) -> None:
+    """A fixed covariate that never varies is the intercept again: name it, and say why."""
+    if INTERCEPT not in spec.fixed:
+        return
+    for k, col in enumerate(spec.covariates):
+        spread = np.sqrt(max(C_pool[k, k], 0.0) / N)
+        if col in spec.fixed and r[k] != 0.0 and not spread > 1e-12 * max(abs(M[k]), 1.0):
+            raise DataError(
+                f"fixed-effect columns ['(Intercept)', {col!r}] are linearly dependent: {col!r} "
+                f"is {M[k]:g} in every row, which the intercept already spans; drop one of them")
 
 
 def _check_rank(XtX: Array, spec: ModelSpec) -> None:
