@@ -1,9 +1,17 @@
 """Decoding and validating events: Kafka message values (JSON bytes) into numpy arrays.
 
-One event is one JSON object holding the spec's group column and numeric columns, plus optional
+One event is one JSON object holding the spec's grouping column and numeric columns, plus optional
 ``weight`` (a case weight > 0, default 1), ``ts`` (event time: seconds since the epoch or an
 RFC 3339 string with a timezone; used for decay) and ``op`` (``"add"``, the default, or
 ``"retract"`` to take a row that was sent before back out). Other keys are ignored.
+
+A model with several grouping columns, or with categorical covariates, needs every grouping column
+(a string or an integer id, each checked as a group id is) and every categorical column (a string,
+or an integer read as its text) in each event; a categorical value must be one of the levels the
+spec declares. Such an event is folded into its **cell** (`ModelSpec.cell_key` of its levels),
+and its row holds the spec's design columns (`ModelSpec.design_matrix`: numeric columns as they
+are, a categorical as its indicator columns), so everything downstream sees cells and rows as it
+sees groups and rows of a one-factor model.
 
 The decoder validates with a msgspec Struct built for the spec, so type checks run in C; a
 malformed message never raises, it becomes a `Rejection` whose reason starts with a stable code:
@@ -11,10 +19,12 @@ malformed message never raises, it becomes a `Rejection` whose reason starts wit
 =================  ==============================================================
 ``invalid_json``   not JSON (or not UTF-8, or a NaN/Infinity token, or empty)
 ``not_an_object``  valid JSON but not an object
-``missing_column`` a model column (or the group column) is absent
+``missing_column`` a model column (or a grouping column) is absent
 ``non_numeric``    a column holds a string, boolean, null, ... instead of a number
 ``not_finite``     a number too large for a float (1e400 overflows to infinity)
-``bad_group``      group id empty, over 256 bytes, or neither string nor integer
+``bad_group``      group id empty, over 256 bytes, or neither string nor integer (with
+                   several grouping columns: a level so, or a cell key over 256 bytes)
+``unknown_level``  a categorical column holds a value that is not one of its declared levels
 ``bad_weight``     weight not a finite number > 0
 ``bad_ts``         ts neither a finite number nor an RFC 3339 time with a timezone
 ``unknown_op``     op other than "add" or "retract"
@@ -32,6 +42,19 @@ malformed message never raises, it becomes a `Rejection` whose reason starts wit
 (['A17', '17'], [[63.0, 4.5], [50.0, 2.0]], [1.0, 2.0], [False, True])
 >>> batch.rejections
 [Rejection(index=1, reason='non_numeric: age (got bool)')]
+
+Crossed factors and a categorical covariate: the groups are cell keys, the rows design rows.
+
+>>> spec = ModelSpec.from_formula('los ~ 1 + C(sex, levels=["F", "M"]) + (1 | hospital) + (1 | ward)')
+>>> batch = EventDecoder(spec).decode([
+...     b'{"hospital": "A17", "ward": 3, "sex": "M", "los": 4.5}',
+...     b'{"hospital": "A17", "ward": 3, "sex": "X", "los": 1}',
+...     b'{"hospital": "A17", "sex": "F", "los": 2}',
+... ])
+>>> spec.columns, batch.groups, batch.W.tolist()
+(('sexM', 'los'), ['["A17","3"]'], [[1.0, 4.5]])
+>>> [r.reason for r in batch.rejections]
+["unknown_level: sex holds 'X', not one of its declared levels 'F', 'M'", 'missing_column: ward']
 """
 
 from __future__ import annotations
@@ -88,6 +111,7 @@ class DecodedBatch:
         return len(self.groups)
 
 
+_A = {"null": "null", "array": "an array", "object": "an object"}
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$\.(?P<key>[^`\[]*)`)?$", re.S)
 _GOT = re.compile(r"got `(\w+)`")
 
@@ -96,7 +120,7 @@ class EventDecoder:
     """Decode batches of message values for one ModelSpec; never raises on bad input."""
 
     def __init__(self, spec: ModelSpec, max_message_bytes: int = 1 << 20) -> None:
-        clash = [c for c in (*spec.columns, spec.group) if c in RESERVED_FIELDS]
+        clash = [c for c in (*spec.columns, *spec.input_columns) if c in RESERVED_FIELDS]
         if clash:
             raise ValueError(
                 f"column {clash[0]!r} clashes with the event field of that name "
@@ -104,6 +128,12 @@ class EventDecoder:
             )
         self.spec = spec
         self.max_message_bytes = max_message_bytes
+        self._group_fields = frozenset(spec.grouping_columns)
+        self._level_fields = frozenset(spec.categorical_inputs)
+        self._to_arrays = self._arrays
+        if not spec.is_simple:
+            self._init_cells(spec)
+            return
         # Positional attribute names keep arbitrary column names (spaces, keywords) legal.
         names = [f"c{i}" for i in range(len(spec.columns))]
         rename = dict(zip(names, spec.columns, strict=True))
@@ -153,7 +183,7 @@ class EventDecoder:
                 rejections.append(Rejection(i, f"invalid_json: {exc}"))
                 continue
             index.append(i)
-        return self._arrays(events, index, rejections)
+        return self._to_arrays(events, index, rejections)
 
     def _arrays(
         self, events: list[Any], index: list[int], rejections: list[Rejection]
@@ -191,12 +221,139 @@ class EventDecoder:
             column = self.spec.columns[int(np.flatnonzero(~np.isfinite(W[j]))[0])]
             bad.setdefault(j, f"not_finite: {column}")
         for j in np.flatnonzero(~(np.isfinite(weights) & (weights > 0))).tolist():
-            bad.setdefault(j, f"bad_weight: must be a finite number > 0, got {weights[j]!r}")
+            bad.setdefault(j, f"bad_weight: must be a finite number > 0, got {float(weights[j])!r}")
         for j in np.flatnonzero(np.isinf(ts)).tolist():
             bad.setdefault(j, "bad_ts: not finite")
         positions = np.asarray(index, dtype=np.int64)
         if bad:
             keep = np.ones(n, dtype=bool)
+            keep[list(bad)] = False
+            rejections.extend(Rejection(int(positions[j]), r) for j, r in bad.items())
+            rejections.sort()
+            groups = [g for g, k in zip(groups, keep.tolist(), strict=True) if k]
+            W, weights, ts, retract, positions = (
+                a[keep] for a in (W, weights, ts, retract, positions)
+            )
+        return DecodedBatch(groups, W, weights, ts, retract, positions, rejections)
+
+    # -- several grouping columns, categorical covariates -----------------------------------
+
+    def _init_cells(self, spec: ModelSpec) -> None:
+        """The decoder of a spec that is not `ModelSpec.is_simple`: events carry every grouping
+        column and every categorical column; rows are cell keys and design rows."""
+        self._groupings = spec.grouping_columns
+        self._categoricals = spec.categorical_inputs
+        self._numerics = spec.numeric_inputs
+        fields = {
+            **{f"g{i}": c for i, c in enumerate(self._groupings)},
+            **{f"k{i}": c for i, c in enumerate(self._categoricals)},
+            **{f"c{i}": c for i, c in enumerate(self._numerics)},
+        }
+        struct = msgspec.defstruct(
+            "CellEvent",
+            [
+                *((n, str | int) for n in fields if n[0] in "gk"),
+                *((n, float) for n in fields if n[0] == "c"),
+                ("weight", float, 1.0),
+                ("ts", float | _Timestamp | None, None),
+                ("op", Literal["add", "retract"], "add"),
+            ],
+            rename=fields,
+            gc=False,
+        )
+        self._decode = msgspec.json.Decoder(struct).decode
+        names = [n for n in fields if n[0] == "c"]
+        get_numbers = attrgetter(*names)
+        if len(names) == 1:
+            self._columns = lambda e: (get_numbers(e),)
+        else:
+            self._columns = get_numbers
+        self._get_levels = [attrgetter(n) for n in fields if n[0] == "g"]
+        self._get_categories = [attrgetter(n) for n in fields if n[0] == "k"]
+        self._get_weight, self._get_ts, self._get_op = (
+            attrgetter("weight"), attrgetter("ts"), attrgetter("op"))
+        self._to_arrays = self._cell_arrays
+
+    def _cell_arrays(
+        self, events: list[Any], index: list[int], rejections: list[Rejection]
+    ) -> DecodedBatch:
+        spec, n, m = self.spec, len(events), len(self._numerics)
+        numbers = np.fromiter(chain.from_iterable(map(self._columns, events)), dtype=np.float64,
+                              count=n * m).reshape(n, m)
+        weights, ts, retract = self._meta(events)
+        bad: dict[int, str] = {}
+        # grouping columns: each level checked as a group id is, then the cell key's length
+        several = len(self._groupings) > 1
+        levels = [list(map(str, map(get, events))) for get in self._get_levels]
+        for column, values in zip(self._groupings, levels):
+            if n and _plain(values, MAX_GROUP_BYTES // 4):
+                continue
+            for j, g in enumerate(values):
+                problem = _level_problem(g)
+                if problem:
+                    bad.setdefault(j, f"bad_group: {column}: {problem}" if several
+                                   else f"bad_group: {problem}")
+        if several:
+            memo: dict[tuple[str, ...], str] = {}
+            key = spec.cell_key
+            groups = [memo.get(c) or memo.setdefault(c, key(c)) for c in zip(*levels)]
+            if n and not _plain(groups, MAX_GROUP_BYTES // 4):
+                for j, g in enumerate(groups):
+                    if j in bad:
+                        continue
+                    size = len(g.encode("utf-8"))
+                    if size > MAX_GROUP_BYTES:
+                        bad[j] = (f"bad_group: the levels of {', '.join(self._groupings)} make a "
+                                  f"cell key of {size} UTF-8 bytes, over {MAX_GROUP_BYTES}")
+        else:
+            groups = levels[0] if levels else []
+        # categorical columns: one of the declared levels
+        codes: dict[str, np.ndarray] = {}
+        for column, get in zip(self._categoricals, self._get_categories):
+            values = list(map(str, map(get, events)))
+            code = spec.level_codes(column, values)
+            for j in np.flatnonzero(code < 0).tolist():
+                bad.setdefault(j, f"unknown_level: {column} holds {values[j]!r}, not one of its "
+                               f"declared levels {_levels_text(spec.levels[column])}")
+            codes[column] = code
+        for j in np.flatnonzero(~np.isfinite(numbers).all(axis=1)).tolist():
+            column = self._numerics[int(np.flatnonzero(~np.isfinite(numbers[j]))[0])]
+            bad.setdefault(j, f"not_finite: {column}")
+        self._check_meta(bad, weights, ts)
+        W = spec.design_matrix(dict(zip(self._numerics, numbers.T)), codes)
+        return self._batch(groups, W, weights, ts, retract, index, rejections, bad)
+
+    def _meta(self, events: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(weights, ts, retract) of decoded events."""
+        n = len(events)
+        weights = np.fromiter(map(self._get_weight, events), dtype=np.float64, count=n)
+        raw_ts = list(map(self._get_ts, events))
+        ops = list(map(self._get_op, events))
+        if raw_ts.count(None) == n:
+            ts = np.full(n, np.nan)
+        else:
+            ts = np.array([_seconds(t) for t in raw_ts], dtype=np.float64)
+        retract = (
+            np.zeros(n, dtype=bool)
+            if ops.count("add") == n
+            else np.array([op == "retract" for op in ops], dtype=bool)
+        )
+        return weights, ts, retract
+
+    @staticmethod
+    def _check_meta(bad: dict[int, str], weights: np.ndarray, ts: np.ndarray) -> None:
+        for j in np.flatnonzero(~(np.isfinite(weights) & (weights > 0))).tolist():
+            bad.setdefault(j, f"bad_weight: must be a finite number > 0, got {float(weights[j])!r}")
+        for j in np.flatnonzero(np.isinf(ts)).tolist():
+            bad.setdefault(j, "bad_ts: not finite")
+
+    @staticmethod
+    def _batch(groups: list[str], W: np.ndarray, weights: np.ndarray, ts: np.ndarray,
+               retract: np.ndarray, index: list[int], rejections: list[Rejection],
+               bad: dict[int, str]) -> DecodedBatch:
+        positions = np.asarray(index, dtype=np.int64)
+        if bad:
+            keep = np.ones(len(groups), dtype=bool)
             keep[list(bad)] = False
             rejections.extend(Rejection(int(positions[j]), r) for j, r in bad.items())
             rejections.sort()
@@ -220,10 +377,16 @@ class EventDecoder:
             if text.startswith("Expected `object`"):
                 return f"not_an_object: got {kind}"
             return f"invalid_event: {text}"
-        if key == self.spec.group:
+        if key in self._group_fields:
+            which = f"{key}: " if len(self._group_fields) > 1 else ""
             if kind:
-                return f"bad_group: expected a string or an integer, got {kind}"
-            return f"bad_group: {text}"
+                return f"bad_group: {which}expected a string or an integer, got {kind}"
+            return f"bad_group: {which}{text}"
+        if key in self._level_fields:
+            value = _A.get(kind, f"a {kind}") if kind else text
+            return (f"unknown_level: {key} holds {value}, not one of its "
+                    f"declared levels {_levels_text(self.spec.levels[key])} (a level is a string "
+                    "or an integer)")
         if key == "weight":
             return f"bad_weight: {text}"
         if key == "ts":
@@ -245,15 +408,32 @@ def _seconds(ts: float | datetime | None) -> float:
 
 
 def _group_problem(group: str) -> str | None:
+    problem = _level_problem(group)
+    return None if problem is None else f"bad_group: {problem}"
+
+
+def _level_problem(group: str) -> str | None:
     if not group:
-        return "bad_group: empty"
+        return "empty"
     try:
         size = len(group.encode("utf-8"))
     except UnicodeEncodeError:
-        return "bad_group: not valid UTF-8 (a lone surrogate)"
+        return "not valid UTF-8 (a lone surrogate)"
     if size > MAX_GROUP_BYTES:
-        return f"bad_group: over {MAX_GROUP_BYTES} bytes ({size})"
+        return f"over {MAX_GROUP_BYTES} bytes ({size})"
     return None
+
+
+def _plain(ids: list[str], longest: int) -> bool:
+    """Every id non-empty, ASCII and at most ``longest`` characters: fine without a closer look
+    (a C-speed screen for the usual case)."""
+    lengths = list(map(len, ids))
+    return min(lengths) > 0 and max(lengths) <= longest and all(map(str.isascii, ids))
+
+
+def _levels_text(levels: Sequence[str], most: int = 20) -> str:
+    shown = ", ".join(map(repr, levels[:most]))
+    return shown if len(levels) <= most else f"{shown}, ... ({len(levels)} levels)"
 
 
 class RejectionLog:

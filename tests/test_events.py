@@ -236,3 +236,139 @@ def test_rejection_log_logs_once_per_code_per_interval(caplog):
     assert len(caplog.records) == 3
     assert "7 bad_group since the last report, 8 in all" in caplog.records[-1].getMessage()
     assert dict(log.counts) == {"bad_group": 8, "invalid_json": 1} and log.total == 9
+
+
+# --- several grouping columns, categorical covariates ----------------------------------------
+
+CELLS = ModelSpec.from_formula(
+    'y ~ 1 + x * C(sex, levels=["F", "M"]) + C(dose, levels=[1, 2, 3]) + (1 + x | s) + (1 | s:d)')
+
+
+def cell_row(**overrides: object) -> bytes:
+    base: dict[str, object] = {"s": "A", "d": 3, "sex": "M", "dose": 2, "x": 1.5, "y": 4.0}
+    base.update(overrides)
+    text = json.dumps({k: v for k, v in base.items() if v is not ...})
+    return text.replace('"1e400"', "1e400").encode()  # a number too large for a float
+
+
+def test_cells_decode_to_cell_keys_and_design_rows():
+    assert not CELLS.is_simple and CELLS.grouping_columns == ("s", "d")
+    assert CELLS.columns == ("x", "sexM", "dose2", "dose3", "x:sexM", "y")
+    batch = EventDecoder(CELLS).decode([
+        cell_row(),
+        cell_row(s=7, d="b", sex="F", dose="3", x=-2, weight=2, op="retract"),
+    ])
+    assert batch.rejections == []
+    assert batch.groups == ['["A","3"]', '["7","b"]']
+    assert batch.groups == [CELLS.cell_key(["A", "3"]), CELLS.cell_key(["7", "b"])]
+    np.testing.assert_array_equal(batch.W, [[1.5, 1, 1, 0, 1.5, 4.0], [-2, 0, 0, 1, 0, 4.0]])
+    assert batch.weights.tolist() == [1.0, 2.0] and batch.retract.tolist() == [False, True]
+
+
+def test_unknown_level_is_rejected_naming_column_value_and_levels():
+    decoder = EventDecoder(CELLS)
+    assert only_reason(decoder, cell_row(sex="X")) == (
+        "unknown_level: sex holds 'X', not one of its declared levels 'F', 'M'")
+    assert only_reason(decoder, cell_row(dose=4)) == (
+        "unknown_level: dose holds '4', not one of its declared levels '1', '2', '3'")
+    assert only_reason(decoder, cell_row(sex="f")).startswith("unknown_level: sex holds 'f'")
+    for value, kind in ((1.0, "a float"), (True, "a bool"), (None, "null"), (["F"], "an array")):
+        assert only_reason(decoder, cell_row(sex=value)) == (
+            f"unknown_level: sex holds {kind}, not one of its declared levels 'F', 'M' "
+            "(a level is a string or an integer)")
+
+
+def test_many_declared_levels_are_shortened_in_the_reason():
+    spec = ModelSpec.from_formula(
+        "y ~ 1 + C(k, levels=[" + ", ".join(f'"l{i}"' for i in range(30)) + "]) + (1 | g)")
+    reason = only_reason(EventDecoder(spec), b'{"g": "a", "k": "nope", "y": 1}')
+    assert reason.startswith("unknown_level: k holds 'nope', not one of its declared levels 'l0', ")
+    assert reason.endswith("'l19', ... (30 levels)")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"d": ...}, "missing_column: d"),
+        ({"s": ...}, "missing_column: s"),
+        ({"sex": ...}, "missing_column: sex"),
+        ({"x": ...}, "missing_column: x"),
+        ({"d": ""}, "bad_group: d: empty"),
+        ({"s": 1.5}, "bad_group: s: expected a string or an integer, got float"),
+        ({"d": None}, "bad_group: d: expected a string or an integer, got null"),
+        ({"d": "x" * 257}, "bad_group: d: over 256 bytes (257)"),
+        ({"s": "a" * 130, "d": "b" * 130},
+         "bad_group: the levels of s, d make a cell key of 267 UTF-8 bytes, over 256"),
+        ({"x": "1"}, "non_numeric: x (got str)"),
+        ({"y": "1e400"}, "not_finite: y"),
+        ({"weight": -1}, "bad_weight: must be a finite number > 0, got -1.0"),
+        ({"op": "delete"}, "unknown_op: 'delete'"),
+    ],
+)
+def test_each_malformed_kind_of_a_cell_event(overrides, reason):
+    assert only_reason(EventDecoder(CELLS), cell_row(**overrides)).startswith(reason)
+
+
+def test_one_grouping_column_with_a_categorical_keys_cells_by_the_level():
+    spec = ModelSpec.from_formula('y ~ 1 + C(sex, levels=["F", "M"]) + (1 | g)')
+    decoder = EventDecoder(spec)
+    batch = decoder.decode([b'{"g": 17, "sex": "F", "y": 1}', b'{"g": "b", "sex": "M", "y": 2}'])
+    assert batch.groups == ["17", "b"] and batch.W.tolist() == [[0.0, 1.0], [1.0, 2.0]]
+    assert only_reason(decoder, b'{"g": "", "sex": "F", "y": 1}') == "bad_group: empty"
+
+
+def test_a_categorical_named_like_an_event_field_is_refused():
+    spec = ModelSpec.from_formula('y ~ 1 + C(op, levels=["a", "b"]) + (1 | g)')
+    with pytest.raises(ValueError, match="'op' clashes"):
+        EventDecoder(spec)
+
+
+cell_events = st.fixed_dictionaries(
+    {"s": st.one_of(st.sampled_from(["a", "b", "ü", "07", "7"]), st.integers(-3, 3)),
+     "d": st.one_of(st.sampled_from(["x", "y", ""]), st.integers(0, 2**40)),
+     "sex": st.sampled_from(["F", "M", "m", 1, None]),
+     "dose": st.sampled_from([1, 2, 3, "2", "3", 4, "one", 2.0]),
+     "x": st.one_of(finite.filter(lambda v: abs(v) < 1e150), st.text(max_size=2)),
+     "y": finite.filter(lambda v: abs(v) < 1e150)},
+    optional={"weight": st.floats(min_value=1e-3, max_value=1e3), "note": st.text(max_size=3)},
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(cell_events, min_size=1, max_size=30))
+def test_cell_rows_equal_the_batch_cells_of_the_same_rows(rows):
+    """What the stream folds equals what `data.frame_cells` makes of the same rows: the same
+    cell of every good row, bit for bit the same design rows; every bad row rejected, never
+    raised."""
+    import pandas as pd
+
+    from streamlme.data import frame_cells
+
+    values = [json.dumps(r).encode() for r in rows]
+    batch = EventDecoder(CELLS).decode(values)
+    assert sorted([*batch.index.tolist(), *(r.index for r in batch.rejections)]) == list(
+        range(len(rows)))
+    assert all(r.code in CODES | {"unknown_level"} for r in batch.rejections)
+    good = [rows[i] for i in batch.index.tolist()]
+    for i in batch.index.tolist():
+        r = rows[i]
+        assert str(r["sex"]) in ("F", "M") and str(r["dose"]) in ("1", "2", "3")
+        assert str(r["s"]) and str(r["d"]) and isinstance(r["x"], float | int)
+    if not good:
+        assert batch.W.shape == (0, len(CELLS.columns))
+        return
+    frame = pd.DataFrame(good, columns=["s", "d", "sex", "dose", "x", "y"]).astype(
+        {"s": object, "d": object})
+    codes, keys, W = frame_cells(frame, CELLS)
+    assert batch.groups == [keys[c] for c in codes]
+    np.testing.assert_array_equal(batch.W, W)
+    assert batch.weights.tolist() == [r.get("weight", 1.0) for r in good]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=80), max_size=20))
+def test_arbitrary_bytes_never_raise_for_cells(values):
+    batch = EventDecoder(CELLS).decode(values)
+    assert sorted([*batch.index.tolist(), *(r.index for r in batch.rejections)]) == list(
+        range(len(values)))
+    assert batch.W.shape == (len(batch), len(CELLS.columns))
