@@ -28,13 +28,25 @@
     [refresh]
     every = "60s"
 
+The response/fixed/random/group/covariance keys are the one-term shorthand. Any lme4 formula
+can be given instead (not both), with the levels of its categorical covariates declared, as a
+stream cannot learn them from the data (first level the reference; a column named in a term
+without declared levels is numeric)::
+
+    [model]
+    formula = "los ~ 1 + age + sex + (1 | hospital) + (1 | hospital:ward)"
+    method = "REML"
+    [model.levels]
+    sex = ["F", "M"]             # or in the formula: C(sex, levels=["F", "M"])
+
 Every key is checked: unknown keys are errors (with a "did you mean" hint), and each message
 names the file, the key path and what was expected. Relative file paths in the file
 (``ssl_cafile``, ``store.snapshot``, ...) are taken relative to the file's own folder.
 
 Environment variables override the file: ``STREAMLME_REDIS_URL``, ``STREAMLME_KAFKA_TOPIC``,
-``STREAMLME_MODEL_FIXED=1,age`` (lists are comma separated), ``STREAMLME_KAFKA_CLIENT_<KEY>``
-for ``[kafka.client]``. Empty values are ignored.
+``STREAMLME_MODEL_FIXED=1,age`` (lists are comma separated), ``STREAMLME_MODEL_FORMULA``,
+``STREAMLME_KAFKA_CLIENT_<KEY>`` for ``[kafka.client]`` (``[model.levels]`` only in the file).
+Empty values are ignored.
 
 >>> parse_duration("5m"), parse_duration("1h30m"), parse_duration(90)
 (300.0, 5400.0, 90.0)
@@ -43,6 +55,7 @@ for ``[kafka.client]``. Empty values are ignored.
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import os
 import re
@@ -55,6 +68,7 @@ import msgspec
 import msgspec.inspect as mi
 
 from streamlme.events import RESERVED_FIELDS
+from streamlme.formula import FormulaError
 from streamlme.spec import ModelSpec, SpecError
 
 try:
@@ -134,14 +148,40 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 # --- sections -------------------------------------------------------------------------------
 
 
+#: The one-term shorthand's keys; ``formula`` replaces all of them.
+_SHORTHAND = ("response", "fixed", "random", "group", "covariance")
+
+
 class ModelConfig(_Section):
-    response: str
-    fixed: list[str]
-    random: list[str]
-    group: str
-    covariance: str = "unstructured"
+    response: str | None = None
+    fixed: list[str] | None = None
+    random: list[str] | None = None
+    group: str | None = None
+    covariance: str | None = None  # None: "unstructured"
     method: str = "REML"
     half_life: Duration | None = None
+    formula: str | None = None
+    levels: dict[str, list[str | int]] = msgspec.field(default_factory=dict)
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model the section describes (SpecError if it describes none)."""
+        return _spec(self.formula, tuple((k, tuple(map(str, v))) for k, v in self.levels.items()),
+                     self.response, None if self.fixed is None else tuple(self.fixed),
+                     None if self.random is None else tuple(self.random), self.group,
+                     self.covariance or "unstructured", self.method)
+
+
+@functools.lru_cache(maxsize=32)
+def _spec(formula: str | None, levels: tuple[tuple[str, tuple[str, ...]], ...],
+          response: str | None, fixed: tuple[str, ...] | None, random: tuple[str, ...] | None,
+          group: str | None, covariance: str, method: str) -> ModelSpec:
+    if formula is None:
+        spec = ModelSpec(response, fixed, random, group, covariance, method)  # type: ignore[arg-type]
+        if not levels:
+            return spec
+        formula = spec.formula  # the shorthand's columns may name categorical covariates too
+    return ModelSpec.from_formula(formula, levels=dict(levels), method=method)
 
 
 #: Client settings that streamlme sets itself, or that are Python objects, not TOML values.
@@ -294,14 +334,20 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     @property
     def spec(self) -> ModelSpec:
-        m = self.model
-        return ModelSpec(m.response, m.fixed, m.random, m.group, m.covariance, m.method)
+        return self.model.spec
 
     def summary(self) -> str:
         """One line per part, for ``streamlme config check``."""
-        lines = [f"model: {self.spec.formula} ({self.spec.method})"]
+        spec = self.spec
+        lines = [f"model: {spec.formula} ({spec.method})"]
         if self.model.half_life:
             lines[0] += f", half-life {self.model.half_life:g}s"
+        if len(spec.grouping_columns) > 1:
+            lines.append(f"  cells: the levels of {', '.join(spec.grouping_columns)}; every "
+                         "event carries each of them")
+        for column, levels in spec.levels.items():
+            lines.append(f"  categorical {column}: {', '.join(levels)} ({levels[0]} the "
+                         "reference); other values are dead-lettered as unknown_level")
         if self.kafka:
             k = self.kafka
             lines.append(
@@ -362,7 +408,7 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     for name in sorted(set(data) - set(_SECTIONS)):
         fail(name, f"unknown section{_hint(name, _SECTIONS)}; sections are {', '.join(_SECTIONS)}")
     if "model" not in data:
-        fail("model", "missing; give at least response, fixed, random and group")
+        fail("model", "missing; give a formula, or at least response, fixed, random and group")
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         if name not in data:
@@ -381,6 +427,8 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
             continue
         if name == "kafka":
             raw = _normalise_kafka(raw)
+        if name == "model" and not _check_levels_table(raw, fail):
+            continue
         try:
             sections[name] = msgspec.convert(raw, cls, dec_hook=_dec_hook)
         except msgspec.ValidationError as exc:
@@ -410,21 +458,81 @@ def check_config_file(path: str | Path, env: Mapping[str, str] | None = None) ->
 
 
 def _check_model(model: ModelConfig, fail: Any) -> None:
+    given = [k for k in _SHORTHAND if getattr(model, k) is not None]
+    if model.formula is not None and given:
+        fail("model", f"give formula or the one-term shorthand ({', '.join(_SHORTHAND)}), not "
+             f"both; this section has formula and {', '.join(given)}")
+        return
+    if model.formula is None:
+        if not given:
+            fail("model", 'give formula = "y ~ x + (1 | g)", or response, fixed, random and group')
+            return
+        missing = [k for k in _SHORTHAND[:4] if getattr(model, k) is None]
+        for key in missing:
+            fail(f"model.{key}", "missing")
+        if missing:
+            return
+    bad_levels = False
+    for column, levels in model.levels.items():
+        names = [str(v) for v in levels]
+        if not names or len(set(names)) != len(names):
+            fail(f"model.levels.{column}", f"give distinct level names, got {names}")
+            bad_levels = True
+    if bad_levels:
+        return
     try:
-        spec = ModelSpec(
-            model.response, model.fixed, model.random, model.group, model.covariance, model.method
-        )
+        spec = model.spec
     except SpecError as exc:
         key, sep, message = str(exc).partition(": ")
-        fail(f"model.{key}" if sep else "model", message if sep else str(exc))
+        if model.formula is not None and not (sep and key == "method"):
+            fail("model.formula", _formula_problem(exc))
+        else:
+            fail(f"model.{key}" if sep else "model", message if sep else str(exc))
         return
-    for column in (*spec.columns, spec.group):
+    used = set(spec.categorical_inputs)
+    for column, levels in model.levels.items():
+        if column not in used:
+            fail(f"model.levels.{column}", f"{column!r} is not a categorical covariate of "
+                 f"{spec.formula!r}; levels are declared for the covariates a term names")
+        elif spec.levels[column] != tuple(map(str, levels)):
+            fail(f"model.levels.{column}", f"the formula declares the levels "
+                 f"{', '.join(spec.levels[column])}; declare them in one place")
+    for column in dict.fromkeys((*spec.columns, *spec.input_columns)):
         if column in RESERVED_FIELDS:
             fail(
                 "model",
                 f"column {column!r} clashes with the event field {column!r} "
                 f"({', '.join(RESERVED_FIELDS)} are reserved); rename the column",
             )
+
+
+def _formula_problem(exc: SpecError) -> str:
+    """A formula's error; a categorical without levels is told where to declare them."""
+    found = re.search(r"expected the levels of categorical '(.+?)'", str(exc))
+    if not isinstance(exc, FormulaError) or found is None:
+        return str(exc)
+    column = found[1]
+    return (f"at character {exc.at}: categorical {column!r} has no declared levels, and a stream "
+            f"cannot learn them from the data; declare them in [model.levels] "
+            f'({column} = ["a", "b"], first level the reference) or write '
+            f'C({column}, levels=["a", "b"])\n  {exc.formula}\n  {" " * exc.at}^')
+
+
+def _check_levels_table(raw: dict[str, Any], fail: Any) -> bool:
+    """``[model.levels]``: a table of lists of level names (strings or integers)."""
+    levels = raw.get("levels", {})
+    if not isinstance(levels, dict):
+        fail("model.levels", f"expected a table [model.levels] of column = [levels], got "
+             f"{_kind(levels)}")
+        return False
+    ok = True
+    for column, values in levels.items():
+        if not (isinstance(values, list) and all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) for v in values)):
+            fail(f"model.levels.{column}", 'expected a list of level names such as ["F", "M"], '
+                 f"got {values!r}")
+            ok = False
+    return ok
 
 
 def _check_kafka(kafka: KafkaConfig, base: Path, fail: Any) -> None:
@@ -517,7 +625,10 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], errors: list[str]) 
         if not isinstance(table, dict):
             continue  # reported as a malformed section later
         info = {f.name: f.type for f in mi.type_info(cls).fields}
-        if key in info and key != "client":
+        if section == "model" and (key == "levels" or key.startswith("levels_")):
+            errors.append(f"environment {var}: model.levels: declare levels in the file's "
+                          "[model.levels] table (column names are case-sensitive)")
+        elif key in info and key != "client":
             try:
                 table[key] = _env_value(value, info[key])
             except ValueError as exc:
@@ -593,6 +704,7 @@ def _explain(message: str, raw: Any, cls: type[_Section]) -> tuple[str, str]:
     if not path and sep and field in cls.__struct_fields__:
         return f".{field}", detail  # raised by a __post_init__ as "field: detail"
     text = f"{text[0].lower()}{text[1:]}" if text else text
+    text = text.replace(" | null`", "`")  # TOML has no null: an optional key is just left out
     if text.startswith("invalid enum value"):
         choices = _literal_choices(cls, path.lstrip("."))
         text = text.replace("invalid enum value", "invalid value")

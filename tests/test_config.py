@@ -232,7 +232,7 @@ def test_all_problems_are_reported_at_once(tmp_path):
 
 def test_missing_model_and_unreadable_files(tmp_path):
     assert errors(tmp_path, "[refresh]\nevery = '1m'\n") == [
-        "model: missing; give at least response, fixed, random and group"
+        "model: missing; give a formula, or at least response, fixed, random and group"
     ]
     with pytest.raises(ConfigError, match="cannot read: No such file"):
         load_config(tmp_path / "absent.toml", env={})
@@ -323,3 +323,117 @@ def test_reads_toml_without_tomllib(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "events"
+
+
+# --- formulas and categorical levels ---------------------------------------------------------
+
+CROSSED = """
+[model]
+formula = "y ~ 1 + x + sex + (1 | s) + (1 | s:d)"
+method = "ML"
+half_life = "1d"
+[model.levels]
+sex = ["F", "M"]
+"""
+
+
+def test_a_formula_with_declared_levels_loads(tmp_path):
+    config = load_config(write(tmp_path, CROSSED), env={})
+    spec = config.spec
+    assert spec == ModelSpec.from_formula("y ~ 1 + x + sex + (1 | s) + (1 | s:d)",
+                                          levels={"sex": ["F", "M"]}, method="ML")
+    assert [t.group for t in spec.terms] == ["s", "s:d"] and spec.grouping_columns == ("s", "d")
+    assert spec.fixed == ("1", "x", "sexM") and spec.levels == {"sex": ("F", "M")}
+    assert config.model.half_life == 86400.0 and spec.method == "ML"
+    # the record of a refresh names the same spec, so a warm start finds it
+    assert ModelSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_levels_in_the_formula_or_as_integers(tmp_path):
+    config = load_config(write(tmp_path, """
+        [model]
+        formula = 'y ~ 1 + C(sex, levels=["F", "M"]) + dose + (1 | g)'
+        [model.levels]
+        dose = [1, 2, 3]
+    """), env={})
+    assert config.spec.levels == {"sex": ("F", "M"), "dose": ("1", "2", "3")}
+    assert config.spec.fixed == ("1", "sexM", "dose2", "dose3")
+
+
+def test_the_shorthand_may_name_a_categorical_covariate(tmp_path):
+    config = load_config(write(tmp_path, MINIMAL.replace('fixed = ["1"]', 'fixed = ["1", "sex"]')
+                               + '[model.levels]\nsex = ["F", "M"]\n'), env={})
+    assert config.spec.fixed == ("1", "sexM") and config.spec.group == "g"
+
+
+def test_a_formula_from_the_environment(tmp_path):
+    config = load_config(None, env={"STREAMLME_MODEL_FORMULA": "y ~ x + (1 | s) + (1 | d)"})
+    assert len(config.spec.terms) == 2 and config.spec.grouping_columns == ("s", "d")
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={"STREAMLME_MODEL_FORMULA": "y ~ x + (1 | s)",
+                               "STREAMLME_MODEL_LEVELS": "F,M"})
+    assert info.value.errors == ["environment STREAMLME_MODEL_LEVELS: model.levels: declare "
+                                 "levels in the file's [model.levels] table (column names are "
+                                 "case-sensitive)"]
+
+
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        ('formula = "y ~ x + (1 | s)"\nresponse = "y"\ngroup = "g"',
+         "model: give formula or the one-term shorthand (response, fixed, random, group, "
+         "covariance), not both; this section has formula and response, group"),
+        ('formula = "y ~ x + (1 | s)"\ncovariance = "diagonal"',
+         "model: give formula or the one-term shorthand"),
+        ('method = "ML"', 'model: give formula = "y ~ x + (1 | g)", or response, fixed, random '
+         "and group"),
+        ('formula = "y ~ x + C(sex) + (1 | s)"',
+         "model.formula: at character 8: categorical 'sex' has no declared levels, and a stream "
+         'cannot learn them from the data; declare them in [model.levels] (sex = ["a", "b"], '
+         'first level the reference) or write C(sex, levels=["a", "b"])\n'
+         "  y ~ x + C(sex) + (1 | s)\n          ^"),
+        ('formula = "y ~ x + (1 | )"', "model.formula: at character 13: expected a grouping "
+         "factor after '|'"),
+        ('formula = "y ~ x + s + (1 | s)"',
+         "model.formula: fixed: 's' is a grouping column and cannot also be a term"),
+        ('formula = "y ~ x + (1 | s) + (1 | d)"\nmethod = "EM"',
+         "model.method: EM fits one random-effect term; use REML or ML"),
+        ('formula = "y ~ x + (1 | s) + (1 | ts)"',
+         "model: column 'ts' clashes with the event field 'ts'"),
+        ('formula = \'y ~ C(op, levels=["a", "b"]) + (1 | s)\'',
+         "model: column 'op' clashes with the event field 'op'"),
+        ('formula = "y ~ x + (1 | s)"\n[model.levels]\nsex = ["F", "M"]',
+         "model.levels.sex: 'sex' is not a categorical covariate of 'y ~ x + (1 | s)'"),
+        ('formula = "y ~ x + (1 | s)"\n[model.levels]\ns = ["a", "b"]',
+         "model.levels.s: 's' is not a categorical covariate"),
+        ('formula = \'y ~ C(sex, levels=["F", "M"]) + (1 | s)\'\n[model.levels]\nsex = ["M", "F"]',
+         "model.levels.sex: the formula declares the levels F, M; declare them in one place"),
+        ('formula = "y ~ sex + (1 | s)"\n[model.levels]\nsex = ["F", "F"]',
+         "model.levels.sex: give distinct level names, got ['F', 'F']"),
+        ('formula = "y ~ sex + (1 | s)"\n[model.levels]\nsex = []',
+         "model.levels.sex: give distinct level names, got []"),
+        ('formula = "y ~ sex + (1 | s)"\n[model.levels]\nsex = "F,M"',
+         "model.levels.sex: expected a list of level names such as [\"F\", \"M\"], got 'F,M'"),
+        ('formula = "y ~ sex + (1 | s)"\n[model.levels]\nsex = [true, false]',
+         "model.levels.sex: expected a list of level names"),
+        ('formula = "y ~ sex + (1 | s)"\nlevels = ["F", "M"]',
+         "model.levels: expected a table [model.levels] of column = [levels], got a list"),
+        ('formula = 42', "model.formula: expected `str`, got `int` (42)"),
+    ],
+)
+def test_formula_mistakes_are_named(tmp_path, model, expected):
+    found = errors(tmp_path, f"[model]\n{model}\n")
+    assert any(line.startswith(expected) for line in found), found
+
+
+def test_config_check_describes_cells_and_levels(tmp_path):
+    ok, message = check_config_file(write(tmp_path, CROSSED), env={})
+    assert ok, message
+    assert "model: y ~ 1 + x + sex + (1 | s) + (1 | s:d) (ML), half-life 86400s" in message
+    assert "cells: the levels of s, d; every event carries each of them" in message
+    assert ("categorical sex: F, M (F the reference); other values are dead-lettered as "
+            "unknown_level") in message
+    ok, message = check_config_file(write(tmp_path, "[model]\nformula = 'y ~ C(k) + (1|g)'\n"),
+                                    env={})
+    assert not ok and "categorical 'k' has no declared levels" in message
+    assert "[model.levels]" in message
