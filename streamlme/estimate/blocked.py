@@ -274,7 +274,7 @@ class BlockedPLS:
         else:
             self.A21 = sp.csr_matrix((0, n1 * q1))
         self.A21.sum_duplicates()
-        self.pos, self.M = _fill_map(self.A21.tocoo(), n1, q1, Q2)
+        self.order, self.M = _fill_map(self.A21.tocsc(), n1, q1, Q2)
         # Lambda_2 is diagonal (a diagonal scaling) unless a term 2..K is unstructured with q > 1
         self.diagonal2 = all(t.diagonal or t.q == 1 for t in rest)
 
@@ -313,9 +313,7 @@ class BlockedPLS:
         L22, RZXy2 = np.zeros((0, 0), order="F"), np.zeros((0, self.p + 1))
         if Q2:
             # A_22 - A_21 W A_21' on the lower triangle, then Lambda_2' (.) Lambda_2 + I
-            T = self.A22.copy()
-            T[self.pos] -= self.M @ W.reshape(-1)
-            T = T.reshape((Q2, Q2), order="F")
+            T = (self.A22 - self.M @ W.reshape(-1)[self.order]).reshape((Q2, Q2), order="F")
             lam2 = self.lam2(lams)
             B = self.A2Xy - self.A21 @ V.reshape(-1, self.p + 1)
             if isinstance(lam2, np.ndarray):
@@ -415,8 +413,8 @@ def fit_cells(
     t0 = time.perf_counter()
     pls = BlockedPLS(design)
     theta0 = _start_theta(pls, start)
-    theta, info = _minimise(pls, theta0, reml, tol, max_iter)
-    res = _result(pls, pls.evaluate(theta, reml), method, info, ranef)
+    st, info = _minimise(pls, theta0, reml, tol, max_iter, warm=start is not None)
+    res = _result(pls, st, method, info, ranef)
     res.optsummary.theta_start = theta0.tolist()
     res.optsummary.warm_start = start is not None
     res.optsummary.seconds = time.perf_counter() - t0
@@ -424,67 +422,53 @@ def fit_cells(
 
 
 def _minimise(
-    pls: BlockedPLS, theta0: Array, reml: bool, tol: float, max_iter: int
-) -> tuple[Array, dict[str, Any]]:
-    """theta minimising the profiled deviance over lme4's bounds, and what the optimiser said.
+    pls: BlockedPLS, theta0: Array, reml: bool, tol: float, max_iter: int, warm: bool
+) -> tuple[BlockedState, dict[str, Any]]:
+    """The state at the theta minimising the profiled deviance within lme4's bounds, and what
+    the optimiser said.
 
     COBYQA (Powell's successor to BOBYQA, lme4's optimiser) on the deviance divided by its value
-    at the start, so that tolerances are relative. A derivative-free method stops near, not on,
-    a bound that the optimum sits on, so each small diagonal element is then tried at exactly 0.
+    at the start, so that tolerances are relative; from a warm start its first steps are short.
+    A derivative-free method stops near, not on, a bound that the optimum sits on, so each small
+    diagonal element is then tried at exactly 0 and kept there if the deviance is no worse.
     """
     lower = np.full(pls.n_theta, -np.inf)
     for t in pls.terms:
         lower[t.theta.start + np.flatnonzero(t.rows == t.cols)] = 0.0
     n_evals = [0]
+    # An evaluation factors the whole system, so keep the best state rather than redo it.
+    best: list[Any] = [np.inf, None]
 
     def dev(theta: Array) -> float:
         n_evals[0] += 1
         try:
-            return pls.deviance(np.maximum(theta, lower), reml)
+            st = pls.evaluate(np.maximum(theta, lower), reml)
         except NumericalError:
             return np.inf
+        d = st.deviance
+        if d <= best[0]:
+            best[:] = [d, st]
+        return d
 
     d0 = dev(theta0)
     if not np.isfinite(d0):
         raise NumericalError("the deviance cannot be evaluated at the starting theta")
     scale = max(abs(d0), 1.0)
     opt = minimize(
-        lambda th: dev(th) / scale, theta0, method="COBYQA",
-        bounds=Bounds(lower, np.full(pls.n_theta, np.inf)),
-        options={"maxiter": max_iter, "maxfev": max(max_iter, 100 * pls.n_theta),
-                 "initial_tr_radius": 0.25, "final_tr_radius": np.sqrt(tol) * 1e-2},
+        lambda th: d0 / scale if np.array_equal(th, theta0) else dev(th) / scale,
+        theta0, method="COBYQA", bounds=Bounds(lower, np.full(pls.n_theta, np.inf)),
+        options={"maxiter": max_iter, "maxfev": max_iter + 2 * pls.n_theta + 1,
+                 "initial_tr_radius": 0.02 if warm else 0.25,
+                 "final_tr_radius": 0.1 * np.sqrt(tol)},
     )
-    theta = np.maximum(np.asarray(opt.x, dtype=float), lower)
-    best = dev(theta)
+    theta = best[1].theta
     for i in np.flatnonzero((lower == 0.0) & (theta > 0) & (theta < BOUNDARY_TRY)):
-        trial = theta.copy()
+        trial = best[1].theta.copy()
         trial[i] = 0.0
-        d = dev(trial)
-        if d <= best:
-            theta, best = trial, d
-    grad = _fd_gradient(dev, theta, lower, best)
+        dev(trial)
     info = {"n_evals": n_evals[0], "iterations": int(getattr(opt, "nit", 0)),
-            "converged": bool(opt.success), "message": str(opt.message),
-            "gradient_norm": grad}
-    return theta, info
-
-
-def _fd_gradient(dev: Any, theta: Array, lower: Array, f0: float) -> float:
-    """Largest |d deviance / d theta_i| by central differences, one-sided where theta_i sits on
-    its bound (counted only if the deviance falls inside): the optimiser's answer, checked."""
-    out = 0.0
-    for i in range(len(theta)):
-        h = 1e-5 * max(1.0, abs(theta[i]))
-        up = theta.copy()
-        up[i] += h
-        if theta[i] - h < lower[i]:
-            g = min((dev(up) - f0) / h, 0.0)
-        else:
-            dn = theta.copy()
-            dn[i] -= h
-            g = (dev(up) - dev(dn)) / (2.0 * h)
-        out = max(out, abs(g))
-    return out
+            "converged": bool(opt.success), "message": str(opt.message)}
+    return best[1], info
 
 
 def _start_theta(pls: BlockedPLS, start: FitResult | Mapping[str, Any] | None) -> Array:
@@ -537,7 +521,8 @@ def _result(
     opt = OptSummary(
         optimizer="COBYQA (derivative-free, bounded)", theta_start=[], theta=theta.tolist(),
         n_evals=info["n_evals"], iterations=info["iterations"], converged=info["converged"],
-        message=info["message"], gradient_norm=info["gradient_norm"], seconds=0.0,
+        # derivative-free: no gradient is formed (as for EM, NaN says so)
+        message=info["message"], gradient_norm=float("nan"), seconds=0.0,
         warm_start=False,
     )
     head = fits[0]
@@ -601,36 +586,48 @@ def _checked_cells(design: CellDesign) -> tuple[Array, Array, Array, NDArray[np.
     return n[live], mean[live], C[live], live
 
 
-def _fill_map(A21: sp.coo_matrix, n1: int, q1: int, Q2: int) -> tuple[IntArray, sp.csr_matrix]:
-    """The map from W to the lower triangle of A_21 W A_21' (entries `pos` of A_22, flat in
-    Fortran order): (A_21 W A_21')[pos] = M @ W.reshape(-1).
+def _fill_map(A21: sp.csc_matrix, n1: int, q1: int, Q2: int) -> tuple[IntArray, sp.csc_matrix]:
+    """The linear map from W to A_21 W A_21' on its lower triangle, flat in Fortran order (A_22's
+    layout): (A_21 W A_21')_flat = M @ W.reshape(-1)[order], zero above the diagonal.
 
     Entry (i, j) sums A_21[i, (l, a)] W_l[a, b] A_21[j, (l, b)] over term 1's levels l, so each
-    level adds the products of its column block's entries in pairs. Enumerating the pairs k >= k'
-    of a level's entries sorted by row gives i >= j; a pair of different entries on the same row
-    stands for both orders (W_l is symmetric), hence the factor 2.
+    level adds the products of its column block's entries in pairs. Each unordered pair of a
+    level's entries is taken once, at (max row, min row); W_l is symmetric, so a pair of two
+    different entries on one row stands for both of its orders there (hence the factor 2).
+    Levels with the same number of entries m are done together, on the m x m lower triangle.
+
+    For q_1 = 1 a level's entries lie on distinct rows, sorted (CSC), so the pairs come out on
+    the lower triangle already and column by column: M is assembled as CSC directly, its columns
+    in the order the levels were visited (``order``), without sorting its millions of entries.
     """
-    level = A21.col // q1
-    order = np.lexsort((A21.col, A21.row, level))
-    row, col, val, level = A21.row[order], A21.col[order], A21.data[order], level[order]
-    counts = np.bincount(level, minlength=n1).astype(np.intp)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n_pairs = counts * (counts + 1) // 2
-    owner = np.repeat(np.arange(len(counts)), n_pairs)
-    t = np.arange(int(n_pairs.sum()), dtype=np.intp) - np.repeat(np.cumsum(n_pairs) - n_pairs,
-                                                                  n_pairs)
-    k1 = ((np.sqrt(8.0 * t + 1.0) - 1.0) // 2).astype(np.intp)
-    k1 += (k1 + 1) * (k1 + 2) // 2 <= t                       # guard the float square root
-    k1 -= k1 * (k1 + 1) // 2 > t
-    k2 = t - k1 * (k1 + 1) // 2
-    e1, e2 = starts[owner] + k1, starts[owner] + k2
-    a, b = col[e1] % q1, col[e2] % q1
-    v = val[e1] * val[e2] * np.where((row[e1] == row[e2]) & (e1 != e2), 2.0, 1.0)
-    flat = row[e1].astype(np.int64) + np.int64(Q2) * row[e2]
-    M = sp.csr_matrix((v, (flat, owner * q1 * q1 + a * q1 + b)),
-                      shape=(Q2 * Q2, n1 * q1 * q1))
-    pos = np.flatnonzero(np.diff(M.indptr))
-    return pos, M[pos]
+    A21.sort_indices()
+    row = A21.indices.astype(np.int64)
+    val = A21.data
+    counts = np.diff(A21.indptr[::q1]).astype(np.intp)     # entries per level (contiguous)
+    starts = A21.indptr[:-1:q1].astype(np.intp)
+    col_of = np.repeat(np.arange(n1 * q1) % q1, np.diff(A21.indptr))
+    flats, cols, vals, order, per_level = [], [], [], [], []
+    for m in np.unique(counts):
+        levels = np.flatnonzero(counts == m)
+        k1, k2 = np.tril_indices(m)
+        e1 = (starts[levels][:, None] + k1[None, :]).ravel()
+        e2 = (starts[levels][:, None] + k2[None, :]).ravel()
+        order.append(levels)
+        per_level.append(np.full(len(levels), len(k1)))
+        if q1 == 1:
+            flats.append(row[e1] + Q2 * row[e2])
+            vals.append(val[e1] * val[e2])
+            continue
+        r1, r2 = row[e1], row[e2]
+        flats.append(np.maximum(r1, r2) + Q2 * np.minimum(r1, r2))
+        cols.append(np.repeat(levels, len(k1)) * (q1 * q1) + col_of[e1] * q1 + col_of[e2])
+        vals.append(val[e1] * val[e2] * np.where((r1 == r2) & (e1 != e2), 2.0, 1.0))
+    flat, v = np.concatenate(flats), np.concatenate(vals)
+    if q1 == 1:
+        indptr = np.concatenate([[0], np.cumsum(np.concatenate(per_level))])
+        return np.concatenate(order), sp.csc_matrix((v, flat, indptr), shape=(Q2 * Q2, n1))
+    M = sp.csc_matrix((v, (flat, np.concatenate(cols))), shape=(Q2 * Q2, n1 * q1 * q1))
+    return np.arange(n1 * q1 * q1), M
 
 
 def _check_rank(XtX: Array, names: list[str]) -> None:
