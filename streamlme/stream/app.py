@@ -4,7 +4,8 @@
   MemoryStore (loaded from ``store.snapshot`` if that file exists).
 - `run_consume(config, ...)`: Kafka when ``[kafka]`` is configured and no input file is given,
   else JSON lines from a file or stdin (embedded mode) — through the same decode, fold and merge.
-- `run_publish(config, path)`: rows of a CSV / JSON-lines file to the configured topic.
+- `run_publish(config, path)`: rows of a CSV / JSON-lines file to the configured topic, keyed by
+  the model's first grouping column.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from streamlme.stream.dlq import (
     KafkaDeadLetters,
     LoggedDeadLetters,
 )
-from streamlme.stream.publish import publish_file
+from streamlme.stream.publish import publish_file, spec_columns
 from streamlme.stream.source import JsonLinesSource, KafkaSource, Source
 
 log = logging.getLogger(__name__)
@@ -129,4 +130,6 @@ def run_publish(config: Config, path: str | os.PathLike[str], progress: bool = T
     if config.kafka is None:
         raise ConfigError([f"{config.source}: kafka: publish needs a [kafka] section"])
     settings: dict[str, Any] = config.kafka.producer_kwargs()
-    return publish_file(path, config.kafka.topic, config.spec.group, settings, progress)
+    columns = spec_columns(config.spec)
+    return publish_file(path, config.kafka.topic, columns.pop("group"), settings, progress,
+                        **columns)
