@@ -4,9 +4,10 @@ One refresh (`refresh_once`):
 
 1. takes the leader lease (`streamlme.lease`), waiting while another refresher holds it;
 2. reads all group statistics with ``store.scan(chunk)`` into arrays — memory grows with the
-   number of groups, never with the number of events;
-3. fits by the configured method, warm-started from the current model's theta, with the
-   tolerance and iteration limit of ``[refresh]``;
+   number of groups, never with the number of events (for a model with several grouping
+   columns the store's groups are its cells, and `fit` takes the terms' levels from them);
+3. fits by the configured method, warm-started from the current model's theta (every term's,
+   in the formula's order), with the tolerance and iteration limit of ``[refresh]``;
 4. writes the result as a new model version with the lease's fencing token, so a refresher whose
    lease lapsed mid-fit cannot write. A fit that raises or does not converge is logged, counted
    and never written: the good model stays current.
@@ -104,6 +105,7 @@ class RefreshOutcome:
     token: int | None = None
     n_groups: int = 0
     n_obs: float = 0.0
+    n_cells: int = 0  # the store's groups: the cells of a model with several grouping columns
     method: str = ""
     converged: bool | None = None
     criterion: float | None = None
@@ -230,7 +232,7 @@ def _refresh(store: Any, spec: ModelSpec, settings: RefreshSettings, lease: Leas
 
     stats = read_stats(store, len(spec.columns), settings.chunk)
     out.read_seconds = time.perf_counter() - t0
-    out.n_groups, out.n_obs = len(stats), float(stats.n.sum())
+    out.n_groups, out.n_cells, out.n_obs = len(stats), len(stats), float(stats.n.sum())
     fingerprint = stats_fingerprint(stats)
     if (settings.skip_unchanged and current is not None
             and current.version == out.current_version
@@ -261,7 +263,8 @@ def _refresh(store: Any, spec: ModelSpec, settings: RefreshSettings, lease: Leas
         out.message = f"optimiser stopped: {result.optsummary.message}"
         return _done(out, t0)
     if not (math.isfinite(result.criterion) and np.isfinite(result.beta).all()
-            and np.isfinite(result.G).all() and math.isfinite(result.sigma2)):
+            and np.isfinite(result.G).all() and math.isfinite(result.sigma2)
+            and all(np.isfinite(t.G).all() for t in result.terms)):
         out.status, out.message = "fit_failed", "the fit produced non-finite estimates"
         return _done(out, t0)
 
@@ -501,13 +504,23 @@ def format_model(record: ModelRecord) -> str:
         f"model version {record.version}, created {record.to_dict()['created_at_iso']}, "
         f"{record.spec.formula}",
         f"{f['method']} criterion {f['criterion']:.6f}, {f['n_obs']:g} events, "
-        f"{f['n_groups']} groups, {'converged' if f['converged'] else 'NOT converged'}",
+        f"{_groups_text(f)}, {'converged' if f['converged'] else 'NOT converged'}",
         "",
         f"{'':<14}{'Estimate':>12}{'Std. Error':>12}",
     ]
     lines += [f"{name:<14}{f['beta'][name]:>12.6g}{f['beta_se'][name]:>12.6g}"
               for name in f["fixed"]]
-    lines += ["", f"G ({', '.join(f['random'])}):"]
-    lines += ["  " + " ".join(f"{v:>12.6g}" for v in row) for row in f["G"]]
+    terms = f.get("terms") or [{"group": record.spec.group, "random": f["random"], "G": f["G"]}]
+    for term in terms:
+        lines += ["", f"G of {term['group']} ({', '.join(term['random'])}):"]
+        lines += ["  " + " ".join(f"{v:>12.6g}" for v in row) for row in term["G"]]
     lines.append(f"sigma2: {f['sigma2']:.6g}")
     return "\n".join(lines)
+
+
+def _groups_text(f: dict[str, Any]) -> str:
+    """"120 groups", or with several terms the levels of each: "60 s, 25 d"."""
+    terms = f.get("terms") or []
+    if len(terms) < 2:
+        return f"{f['n_groups']} groups"
+    return ", ".join(f"{t.get('n_levels', '?')} {t['group']}" for t in terms)
