@@ -247,8 +247,10 @@ def _refresh(store: Any, spec: ModelSpec, settings: RefreshSettings, lease: Leas
         with warnings.catch_warnings():
             # the outcome and the record carry these; the log line says them once
             warnings.simplefilter("ignore", (ConvergenceWarning, SingularFitWarning))
+            # several terms: the record keeps every level's conditional mode, which the
+            # between-refresh effects of crossed terms start from (see `streamlme.model`)
             result = fit(stats, spec, out.method, start=start.fit if start is not None else None,
-                         ranef=False, **settings.fit_kwargs())
+                         ranef=len(spec.terms) > 1, **settings.fit_kwargs())
     except Exception as exc:  # any failure of the fit must leave the current model in place
         out.status, out.message = "fit_failed", f"{type(exc).__name__}: {exc}"
         log.debug("refresh fit failed", exc_info=True)
