@@ -194,11 +194,12 @@ def publish(path: str, config_path: str, no_progress: bool) -> None:
     """Send the rows of a CSV / JSON-lines file to the topic, keyed by group."""
     from streamlme.config import ConfigError
     from streamlme.stream.app import run_publish
+    from streamlme.stream.publish import PublishError
 
     cfg = _load(config_path)
     try:
         count = run_publish(cfg, path, progress=not no_progress)
-    except ConfigError as exc:
+    except (ConfigError, PublishError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     emit_json({"published": count})
 
