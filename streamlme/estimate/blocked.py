@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +220,13 @@ class BlockedPLS:
 
         self.ixy = [0 if c < 0 else 1 + c for c in design.fixed] + [d]
         self.XyXy = np.array([[cross(a, b).sum() for b in self.ixy] for a in self.ixy])
+        for j, c in enumerate(design.fixed):
+            # a centred column that is zero was constant: the intercept spans it
+            if c >= 0 and r[c] != 0.0 and not self.XyXy[j, j] > 1e-24 * self.N * r[c] ** 2:
+                raise DataError(
+                    f"fixed-effect columns ['{self.fixed_names[self.intercept]}', "
+                    f"'{self.fixed_names[j]}'] are linearly dependent: '{self.fixed_names[j]}' "
+                    f"is {r[c]:g} in every row, which the intercept already spans; drop one of them")
         _check_rank(self.XyXy[: self.p, : self.p], self.fixed_names)
 
         # Terms in fit order: most levels first (a stable sort keeps the formula's order on ties)
@@ -439,36 +446,84 @@ def _minimise(
     # An evaluation factors the whole system, so keep the best state rather than redo it.
     best: list[Any] = [np.inf, None]
 
-    def dev(theta: Array) -> float:
+    def dev(theta: Array, keep: bool = False) -> float:
         n_evals[0] += 1
         try:
             st = pls.evaluate(np.maximum(theta, lower), reml)
         except NumericalError:
             return np.inf
         d = st.deviance
-        if d <= best[0]:
+        if keep and d <= best[0]:
             best[:] = [d, st]
         return d
 
-    d0 = dev(theta0)
+    d0 = dev(theta0, keep=True)
     if not np.isfinite(d0):
         raise NumericalError("the deviance cannot be evaluated at the starting theta")
     scale = max(abs(d0), 1.0)
     opt = minimize(
-        lambda th: d0 / scale if np.array_equal(th, theta0) else dev(th) / scale,
+        lambda th: d0 / scale if np.array_equal(th, theta0) else dev(th, keep=True) / scale,
         theta0, method="COBYQA", bounds=Bounds(lower, np.full(pls.n_theta, np.inf)),
         options={"maxiter": max_iter, "maxfev": max_iter + 2 * pls.n_theta + 1,
                  "initial_tr_radius": 0.02 if warm else 0.25,
-                 "final_tr_radius": 0.1 * np.sqrt(tol)},
+                 "final_tr_radius": min(10.0 * np.sqrt(tol), 0.002 if warm else 0.025)},
     )
     theta = best[1].theta
     for i in np.flatnonzero((lower == 0.0) & (theta > 0) & (theta < BOUNDARY_TRY)):
         trial = best[1].theta.copy()
         trial[i] = 0.0
-        dev(trial)
+        dev(trial, keep=True)
+    grad = _polish(dev, best[1].theta.copy(), lower, best[0])
     info = {"n_evals": n_evals[0], "iterations": int(getattr(opt, "nit", 0)),
-            "converged": bool(opt.success), "message": str(opt.message)}
+            "converged": bool(opt.success), "message": str(opt.message), "gradient_norm": grad}
     return best[1], info
+
+
+def _polish(dev: Callable[[Array], float], theta: Array, lower: Array, f0: float) -> float:
+    """Check the optimum by finite differences, as lme4 does, and take the Newton step they give.
+
+    A derivative-free method stops once its trust region is small, which pins the deviance down
+    far better than theta along a flat direction (a term with few levels). Central differences
+    give the gradient and Hessian in the elements that are a step away from their bound; the
+    Newton step within those is kept if the deviance does not rise (``dev`` keeps the best
+    state). Returns the largest |d deviance / d theta_i| at ``theta``, counting an element
+    within a step of its bound only if the deviance falls inside.
+    """
+    n = len(theta)
+    h = 1e-4 * np.maximum(1.0, np.abs(theta))
+    free = theta - h >= lower
+    g, H, f_up = np.zeros(n), np.zeros((n, n)), np.zeros(n)
+    for i in range(n):
+        up = theta.copy()
+        up[i] += h[i]
+        f_up[i] = dev(up)
+        if not free[i]:
+            g[i] = min((f_up[i] - f0) / h[i], 0.0)
+            continue
+        down = theta.copy()
+        down[i] -= h[i]
+        f_down = dev(down)
+        g[i] = (f_up[i] - f_down) / (2.0 * h[i])
+        H[i, i] = (f_up[i] + f_down - 2.0 * f0) / h[i] ** 2
+    idx = np.flatnonzero(free)
+    for a, i in enumerate(idx):
+        for j in idx[a + 1:]:
+            both = theta.copy()
+            both[i] += h[i]
+            both[j] += h[j]
+            H[i, j] = H[j, i] = (dev(both) - f_up[i] - f_up[j] + f0) / (h[i] * h[j])
+    Hf, gf = H[np.ix_(idx, idx)], g[idx]
+    if len(idx) and np.isfinite(Hf).all() and np.isfinite(gf).all():
+        try:
+            C = np.linalg.cholesky(Hf)
+        except np.linalg.LinAlgError:   # not convex there: leave the optimiser's answer
+            C = None
+        if C is not None:
+            trial = theta.copy()
+            trial[idx] -= np.linalg.solve(C.T, np.linalg.solve(C, gf))
+            dev(np.maximum(trial, lower), keep=True)
+    finite = g[np.isfinite(g)]
+    return float(np.max(np.abs(finite))) if len(finite) else 0.0
 
 
 def _start_theta(pls: BlockedPLS, start: FitResult | Mapping[str, Any] | None) -> Array:
@@ -521,8 +576,7 @@ def _result(
     opt = OptSummary(
         optimizer="COBYQA (derivative-free, bounded)", theta_start=[], theta=theta.tolist(),
         n_evals=info["n_evals"], iterations=info["iterations"], converged=info["converged"],
-        # derivative-free: no gradient is formed (as for EM, NaN says so)
-        message=info["message"], gradient_norm=float("nan"), seconds=0.0,
+        message=info["message"], gradient_norm=info["gradient_norm"], seconds=0.0,
         warm_start=False,
     )
     head = fits[0]
