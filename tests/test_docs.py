@@ -182,6 +182,9 @@ _FILE_SUFFIXES = {"yaml", "yml", "md", "py", "toml", "json", "npz", "jsonl", "cs
 def _key_problem(section: str, key: str | None) -> str | None:
     if section == "kafka.client":
         return None  # any kafka-python setting; `config check` verifies those by name
+    if section == "model.levels":
+        # keys are the model's categorical columns, whatever they are named
+        return None if "levels" in _FIELDS["model"] else "[model] has no levels table"
     if section not in _FIELDS:
         return f"[{section}] is not a configuration section"
     if key is not None and key not in _FIELDS[section]:
