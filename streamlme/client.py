@@ -7,10 +7,16 @@ the current model version together (every key of a namespace shares one hash tag
 holds on Redis Cluster). The decoded model is cached by version and fetched again only when the
 version changes.
 
-One small pure-Python kernel computes every effect (q, the number of random terms, is 1 to 3;
-numpy's per-call overhead would cost more than the arithmetic). It is the same algebra as
-`streamlme.blup.group_effects`, term for term, and agrees with it to rounding; every interface
-(Client, CLI, HTTP) goes through it, so they print the same numbers.
+Every effect is computed by the one BLUP core, `streamlme.blup`: a one-term model through its
+`ScalarKernel` (the core's maps compiled to plain Python floats and positions in a stored record;
+q, the number of random terms, is 1 to 3, and numpy's per-call overhead would cost more than the
+arithmetic), any other model through `TermsModel`. Every interface (Client, CLI, HTTP) goes
+through the Client, so they print the same numbers.
+
+A model with several random-effect terms is asked by term: ``Client.effect(level,
+term="doctor")``. The Client finds the level's cells through the store's index of cells by level
+(`RedisStore.cells_of`), reads their current statistics and solves the level's block (see
+`streamlme.blup` for what the effect is for nested and crossed terms).
 
 >>> from streamlme.store import MemoryStore
 >>> Client(MemoryStore()).effect("A17")  # doctest: +ELLIPSIS
@@ -21,6 +27,7 @@ streamlme.client.ModelNotReady: no model has been estimated yet; run `streamlme 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,11 +41,11 @@ from typing import Any
 import numpy as np
 import redis
 
+from streamlme.blup import TermsModel
 from streamlme.blup import predict as _predict
 from streamlme.config import Config, load_config
-from streamlme.estimate.linalg import psd_factor
 from streamlme.model import ModelRecord
-from streamlme.spec import INTERCEPT, term_name
+from streamlme.spec import INTERCEPT, SpecError, term_name
 from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats, StatsError, packed_size
 from streamlme.store.base import StateStore
 from streamlme.store.errors import StoreError
@@ -122,61 +129,107 @@ class Prediction:
         }
 
 
+class TermRequired(ValueError):  # noqa: N818 - the name users catch
+    """A group query on a model whose levels need a term named (several terms or factors)."""
+
+    def __init__(self, terms: Sequence[str]) -> None:
+        self.terms = list(terms)
+        super().__init__(
+            "the model has several random-effect terms or grouping columns; name the term: "
+            f"one of {', '.join(map(repr, self.terms))} (Client.effect(level, term=...), "
+            "`streamlme effect LEVEL --term T`, GET /v1/terms/{term}/levels/{level}/effect)")
+
+
+class UnknownTermError(LookupError):
+    """A query names a factor that no random-effect term of the model is on."""
+
+    def __init__(self, term: str, terms: Sequence[str]) -> None:
+        self.term, self.terms = term, list(terms)
+        super().__init__(f"no random-effect term on {term!r}; the model's terms are on "
+                         f"{', '.join(map(repr, self.terms))}")
+
+
+@dataclass(frozen=True)
+class TermEffect:
+    """One level's effect for a named term (every term on that factor), under one model version.
+
+    ``term`` is the factor as the formula writes it (``plate``, ``hospital:doctor``), ``level``
+    its level (an interaction's parts joined with ``:``); ``effect``, ``cov``, ``shrinkage``,
+    ``n`` and ``known`` mean what they mean in `GroupEffect`. ``cells`` counts the cells that
+    carry the level; ``solution`` is ``"exact"`` (one term, nested terms, terms on one factor:
+    the exact BLUP from current statistics) or ``"gauss_seidel"`` (crossed terms: updated from
+    the level's own statistics given the other factors' effects of the last refresh); see
+    `streamlme.blup`.
+    """
+
+    term: str
+    level: str
+    n: float
+    effect: dict[str, float]
+    cov: list[list[float]]
+    shrinkage: float
+    model_version: int
+    known: bool
+    cells: int
+    solution: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `streamlme effect --term T --json` line: the fields of a group's line (``group``
+        holds the level) plus term, level, cells and solution."""
+        n = self.n
+        return {
+            "term": self.term,
+            "level": self.level,
+            "group": self.level,
+            "n": int(n) if n.is_integer() else n,
+            "effect": dict(self.effect),
+            "cov": [list(row) for row in self.cov],
+            "shrinkage": self.shrinkage,
+            "model_version": self.model_version,
+            "known": self.known,
+            "cells": self.cells,
+            "solution": self.solution,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), allow_nan=False, ensure_ascii=False)
+
+
 class _Kernel:
-    """One model version compiled to plain Python floats and positions in a decoded record.
+    """One model version compiled for queries: the record, its layout and the BLUP core.
 
-    Mirrors `streamlme.blup.group_effects` for a single group: with the group's (n, m, C),
-    zbar = B m + e - z_centre, rbar = a'm + c, Z'r = n zbar rbar + B C a,
-    Z'Z = n zbar zbar' + B C B', P = Lam' Z'Z Lam + I = L L' with Lam Lam' = G_centred / sigma^2,
-    W = L^-1 Lam', Var_c = sigma^2 W'W, b_c = W'W Z'r; then b = T b_c, Var = T Var_c T' where T
-    moves the centre back into the intercept (only the intercept's row differs from I).
+    A one-term model on one grouping column computes through `streamlme.blup.ScalarKernel`
+    (the core's `Kernel` on plain floats, reading positions of a decoded record); every other
+    model through `streamlme.blup.TermsModel`, built from the same maps.
 
-    A decoded record is (n, t, m, upper triangle of C) followed by two constants, 0.0 and 1.0,
-    so an intercept term (z = 1, no co-moments) reads its entries from the same kind of
-    positions as a covariate does and the arithmetic below never branches on term types.
+    A decoded record is (n, t, m, upper triangle of C) followed by two constants, 0.0 and 1.0
+    (see `ScalarKernel`).
     """
 
     def __init__(self, record: ModelRecord) -> None:
         spec = record.spec
-        cols = spec.columns
-        d = len(cols)
+        d = len(spec.columns)
         self.record = record
+        self.spec = spec
         self.version = record.version
-        self.names = [term_name(t) for t in spec.random]
-        self.q = q = len(spec.random)
         self.d = d
         self.header = HEADER.pack(MAGIC, FORMAT_VERSION, d)
         self.size = packed_size(d)
         self.body = struct.Struct(f"<{2 + d + d * (d + 1) // 2}d")
-        zero, one = self.body.size // 8, self.body.size // 8 + 1
-        tri = _triangle_positions(d)
-        beta = record.beta
-        # r = a'w + c: the response minus the fixed covariates times beta.
-        a: dict[int, float] = {d - 1: 1.0}
-        c = 0.0
-        for k, t in enumerate(spec.fixed):
-            if t == INTERCEPT:
-                c -= float(beta[k])
-            else:
-                col = cols.index(t)
-                a[col] = a.get(col, 0.0) - float(beta[k])
-        rcols = [None if t == INTERCEPT else cols.index(t) for t in spec.random]
-        self.c = c
-        self.pm = [(2 + k, coef) for k, coef in sorted(a.items())]            # rbar = c + a'm
-        self.pz = [one if r is None else 2 + r for r in rcols]                 # zbar_i
-        self.pa = [[] if r is None else [(tri[r][k], coef) for k, coef in sorted(a.items())]
-                   for r in rcols]                                             # (B C a)_i
-        self.pc = [[zero if ri is None or rj is None else tri[ri][rj] for rj in rcols]
-                   for ri in rcols]                                            # (B C B')_ij
-        G, G_c = record.G, record.G_centred
-        self.sigma2 = record.sigma2
-        self.G = [[float(v) for v in row] for row in G]
-        self.G00 = float(G_c[0, 0])
-        self.lam = [[float(v) for v in row] for row in psd_factor(G_c / self.sigma2)]
-        self.zc = [float(v) for v in record.z_centre]
-        self.i0 = spec.random.index(INTERCEPT) if INTERCEPT in spec.random else None
-        self.centred = self.i0 is not None and any(self.zc)
-        self.solve = {1: self._solve1, 2: self._solve2}.get(q, self._solve_any)
+        #: a one-term model keyed by its own levels: the latency path
+        self.simple = len(spec.terms) == 1 and len(spec.grouping_columns) == 1
+        self.terms = [t.group for t in spec.terms]
+        if self.simple:
+            self.names = [term_name(t) for t in spec.random]
+            self.G = [[float(v) for v in row] for row in record.G]
+            self.core = record.kernel().scalar()
+        self._terms_model: TermsModel | None = None
+
+    @property
+    def terms_model(self) -> TermsModel:
+        if self._terms_model is None:
+            self._terms_model = self.record.terms_model()
+        return self._terms_model
 
     def decode(self, value: bytes) -> tuple[float, ...]:
         if len(value) != self.size or value[: HEADER.size] != self.header:
@@ -189,105 +242,58 @@ class _Kernel:
             raise StatsError("stored statistics hold a negative mass or non-finite values")
         return (*v, 0.0, 1.0)
 
+    def stats(self, keys: Sequence[str], values: Sequence[bytes | None]) -> GroupStats:
+        """The cells among ``keys`` that have a record, checked as `decode` checks one."""
+        found = [(k, v) for k, v in zip(keys, values) if v is not None]
+        for _, v in found:
+            self.decode(v)
+        if not found:
+            return GroupStats.empty(self.d)
+        return GroupStats.from_bytes([k for k, _ in found], [v for _, v in found])
+
     def effect(self, group: str, value: bytes | None) -> GroupEffect:
+        if not self.simple:
+            raise TermRequired(self.terms)
         if value is None:
             return GroupEffect(group, 0.0, dict.fromkeys(self.names, 0.0),
                                [list(row) for row in self.G], 0.0, self.version, False)
         v = self.decode(value)
-        n = v[0]
-        rbar = self.c
-        for p, coef in self.pm:
-            rbar += coef * v[p]
-        zbar = [v[p] - zc for p, zc in zip(self.pz, self.zc)]
-        Ztr = []
-        for z, pa in zip(zbar, self.pa):
-            s = n * z * rbar
-            for p, coef in pa:
-                s += coef * v[p]
-            Ztr.append(s)
-        b, WtW = self.solve(n, zbar, v, Ztr)
-        sigma2 = self.sigma2
-        cov = [[sigma2 * x for x in row] for row in WtW]
-        shrink = 1.0 - cov[0][0] / self.G00 if self.G00 > 0 else 0.0
-        if self.centred:
-            b, cov = self._uncentre(b, cov)
-        return GroupEffect(group, n, dict(zip(self.names, b)), cov, shrink, self.version, True)
+        b, cov, shrink = self.core.effect(v)
+        return GroupEffect(group, v[0], dict(zip(self.names, b)), cov, shrink, self.version, True)
 
-    def _uncentre(self, b: list[float], cov: list[list[float]]
-                  ) -> tuple[list[float], list[list[float]]]:
-        """b = T b_c, Var = T Var_c T': the intercept row of T is e_i0 - z_centre."""
-        i0, zc, q = self.i0, self.zc, self.q
-        b = list(b)
-        b[i0] -= sum(z * x for z, x in zip(zc, b))
-        row = [cov[i0][j] - sum(zc[k] * cov[k][j] for k in range(q)) for j in range(q)]
-        cov = [list(r) for r in cov]
-        cov[i0] = row
-        for i in range(q):
-            cov[i][i0] = row[i]
-        cov[i0][i0] = row[i0] - sum(zc[k] * row[k] for k in range(q))
-        return b, cov
+    def term_effect(self, term: str, level: str, stats: GroupStats) -> TermEffect:
+        if self.simple:
+            value = stats.to_bytes_one(stats.index(level)) if level in stats else None
+            e = self.effect(level, value)
+            return TermEffect(self.terms[0], level, e.n, e.effect, e.cov, e.shrinkage,
+                              self.version, e.known, int(e.known), "exact")
+        eff = self.terms_model.level_effect(term, level, stats)
+        return TermEffect(eff.factor, eff.level, eff.n, dict(zip(eff.names, map(float, eff.b))),
+                          eff.cov.tolist(), eff.shrinkage, self.version, eff.known, eff.cells,
+                          eff.solution)
 
-    # (b, W'W) from Z'r; Z'Z is formed inside: q = 1 and 2 written out, any q by loops.
-
-    def _solve1(self, n: float, zbar: list[float], v: tuple[float, ...], Ztr: list[float]
-                ) -> tuple[list[float], list[list[float]]]:
-        l00 = self.lam[0][0]
-        a00 = n * zbar[0] * zbar[0] + v[self.pc[0][0]]
-        w = l00 / math.sqrt(l00 * (a00 * l00) + 1.0)
-        ww = w * w
-        return [ww * Ztr[0]], [[ww]]
-
-    def _solve2(self, n: float, zbar: list[float], v: tuple[float, ...], Ztr: list[float]
-                ) -> tuple[list[float], list[list[float]]]:
-        (l00, _), (l10, l11) = self.lam
-        z0, z1 = zbar
-        pc = self.pc
-        a00 = n * z0 * z0 + v[pc[0][0]]
-        a01 = n * z1 * z0 + v[pc[1][0]]
-        a11 = n * z1 * z1 + v[pc[1][1]]
-        p00 = l00 * (a00 * l00 + a01 * l10) + l10 * (a01 * l00 + a11 * l10) + 1.0
-        p01 = l00 * (a01 * l11) + l10 * (a11 * l11)
-        p11 = l11 * (a11 * l11) + 1.0
-        c00 = math.sqrt(p00)
-        c10 = p01 / c00
-        c11 = math.sqrt(p11 - c10 * c10)
-        w00, w01 = l00 / c00, l10 / c00
-        w10, w11 = -c10 * w00 / c11, (l11 - c10 * w01) / c11
-        s00 = w00 * w00 + w10 * w10
-        s01 = w00 * w01 + w10 * w11
-        s11 = w01 * w01 + w11 * w11
-        t0, t1 = Ztr
-        return [s00 * t0 + s01 * t1, s01 * t0 + s11 * t1], [[s00, s01], [s01, s11]]
-
-    def _solve_any(self, n: float, zbar: list[float], v: tuple[float, ...], Ztr: list[float]
-                   ) -> tuple[list[float], list[list[float]]]:
-        q, lam, pc = self.q, self.lam, self.pc
-        A = [[n * zbar[i] * zbar[j] + v[pc[i][j]] for j in range(q)] for i in range(q)]
-        T = [[sum(A[i][k] * lam[k][j] for k in range(q)) for j in range(q)] for i in range(q)]
-        P = [[sum(lam[k][i] * T[k][j] for k in range(q)) + (i == j) for j in range(q)]
-             for i in range(q)]
-        L = [[0.0] * q for _ in range(q)]
-        for k in range(q):
-            L[k][k] = math.sqrt(P[k][k] - sum(L[k][j] * L[k][j] for j in range(k)))
-            for i in range(k + 1, q):
-                L[i][k] = (P[i][k] - sum(L[i][j] * L[k][j] for j in range(k))) / L[k][k]
-        W = [[0.0] * q for _ in range(q)]  # L^-1 Lam' by forward substitution
-        for col in range(q):
-            for i in range(q):
-                W[i][col] = (lam[col][i] - sum(L[i][j] * W[j][col] for j in range(i))) / L[i][i]
-        WtW = [[sum(W[k][i] * W[k][j] for k in range(q)) for j in range(q)] for i in range(q)]
-        return [sum(WtW[i][j] * Ztr[j] for j in range(q)) for i in range(q)], WtW
+    def resolve(self, term: str) -> str:
+        """The factor ``term`` names, as the formula writes it; UnknownTermError if none."""
+        try:
+            return self.spec.term(term).group
+        except SpecError:
+            raise UnknownTermError(term, self.terms) from None
 
 
-def _triangle_positions(d: int) -> list[list[int]]:
-    """pos[i][j]: where C[i, j] sits in a decoded record (n, t, m, upper triangle of C)."""
-    pos = [[0] * d for _ in range(d)]
-    k = 2 + d
-    for i in range(d):
-        for j in range(i, d):
-            pos[i][j] = pos[j][i] = k
-            k += 1
-    return pos
+def _split_candidates(level: str, parts: int, j: int, limit: int = 64) -> list[str]:
+    """Part ``j`` of every way to read ``level`` as ``parts`` pieces joined by ``:``."""
+    if parts == 1:
+        return [level]
+    colons = [i for i, ch in enumerate(level) if ch == ":"]
+    out: list[str] = []
+    for cut in itertools.combinations(colons, parts - 1):
+        bounds = [-1, *cut, len(level)]
+        piece = level[bounds[j] + 1: bounds[j + 1]]
+        if piece not in out:
+            out.append(piece)
+        if len(out) >= limit:
+            break
+    return out
 
 
 class ModelVersionNotFoundError(LookupError):
@@ -314,6 +320,9 @@ class _RedisSource:
         version = values.pop()
         return values, None if version is None else int(version)
 
+    def cells(self, position: int, level: str) -> list[str]:
+        return self.store.cells_of(position, level)
+
     def ping(self) -> bool:
         return bool(self.redis.ping())
 
@@ -337,6 +346,14 @@ class _StoreSource:
         version = self.store.current_model_version()  # type: ignore[attr-defined]
         stats: GroupStats = self.store.get_many(groups)
         return [stats.to_bytes_one(stats.index(g)) if g in stats else None for g in groups], version
+
+    def cells(self, position: int, level: str) -> list[str]:
+        encode_group(level)
+        cells_of = getattr(self.store, "cells_of", None)
+        if cells_of is None:
+            raise StoreError(f"{type(self.store).__name__} keeps no index of cells by level; "
+                             "several-term queries need one (MemoryStore and RedisStore do)")
+        return list(cells_of(position, level))
 
     def ping(self) -> bool:
         return True
@@ -409,19 +426,72 @@ class Client:
 
     # -- effects ------------------------------------------------------------------------------
 
-    def effect(self, group: str) -> GroupEffect:
-        """One group's current effect: one round trip (two when the model version changed)."""
+    def effect(self, group: str, term: str | None = None) -> GroupEffect | TermEffect:
+        """One group's current effect: one round trip (two when the model version changed).
+
+        With ``term`` (a grouping factor of the model's formula, e.g. ``"doctor"`` or
+        ``"hospital:doctor"``), the effect of level ``group`` of every term on that factor, as a
+        `TermEffect` (see `streamlme.blup` for what it is for nested and crossed terms). A model
+        with several terms, or a term on several grouping columns, needs ``term``
+        (`TermRequired` otherwise); an unknown term raises `UnknownTermError`. A model keyed by
+        one grouping column answers a term query in one round trip; otherwise it takes two
+        (the level's cells from the store's index, then their statistics).
+        """
+        if term is not None:
+            return self.term_effect(term, group)
         value, version = self._source.one(group)
         return self._kernel_for(version).effect(group, value)
 
-    def effects(self, groups: Sequence[str]) -> list[GroupEffect]:
-        """Effects of ``groups`` in the order asked, fetched in one round trip."""
+    def effects(self, groups: Sequence[str], term: str | None = None
+                ) -> list[GroupEffect] | list[TermEffect]:
+        """Effects of ``groups`` in the order asked, fetched in one round trip (with ``term``,
+        one query per level)."""
         groups = list(groups)
         if not groups:
             return []
+        if term is not None:
+            return [self.term_effect(term, g) for g in groups]
         values, version = self._source.many(groups)
         kernel = self._kernel_for(version)
         return [kernel.effect(g, v) for g, v in zip(groups, values)]
+
+    def term_effect(self, term: str, level: str | Sequence[str]) -> TermEffect:
+        """The current effect of ``level`` of the factor ``term`` (a string, or for an
+        interaction factor also the tuple of its parts)."""
+        plan = self._kernel if self._kernel is not None else self._kernel_for(
+            self.current_version())
+        for _ in range(3):
+            factor = plan.resolve(term)
+            spec = plan.spec
+            name = plan.terms_model.level_name(factor, level) if not isinstance(
+                level, str) else level
+            if len(spec.grouping_columns) == 1:
+                # cells are keyed by the level itself
+                value, version = self._source.one(name)
+                keys, values = [name], [value]
+            else:
+                keys = self._cells_of(plan, factor, level)
+                values, version = self._source.many(keys)
+            kernel = self._kernel_for(version)
+            if kernel.spec == spec:
+                return kernel.term_effect(factor, name, kernel.stats(keys, values))
+            plan = kernel  # the model changed shape between the two reads: plan again
+        raise StoreError("the model kept changing while a level's cells were read; retry")
+
+    def _cells_of(self, plan: _Kernel, factor: str, level: str | Sequence[str]) -> list[str]:
+        """Keys of every cell of the block of ``level`` (and maybe more), from the index."""
+        spec = plan.spec
+        tm = plan.terms_model
+        first = tm.block_columns(factor)[0]
+        position = spec.grouping_columns.index(first)
+        parts = spec.term(factor).factors
+        j = parts.index(first)
+        candidates = (_split_candidates(level, len(parts), j) if isinstance(level, str)
+                      else [str(level[j])])
+        keys: list[str] = []
+        for value in candidates:
+            keys += [k for k in self._source.cells(position, value) if k not in keys]
+        return keys
 
     def predict(self, group: str, row: Mapping[str, float], level: float = 0.95) -> Prediction:
         """Predict y for a new ``row`` (covariate name -> value) of ``group``.

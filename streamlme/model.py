@@ -1,7 +1,9 @@
 """ModelRecord: one stored model version, as the refresh job writes it and queries read it.
 
 A record holds what a query needs to compute any group's effect from that group's running
-statistics (beta, G, sigma^2 and the spec), what an operator needs to judge the fit (criterion,
+statistics (beta, G, sigma^2 and the spec; for a model with several random-effect terms, each
+term's G in ``terms`` and its conditional modes from this fit, which the between-refresh effects
+of crossed terms start from, see `streamlme.blup`), what an operator needs to judge the fit (criterion,
 convergence, fit time, events and groups covered) and what the next refresh needs to warm-start
 (theta). Its JSON uses the field names of ``streamlme fit --json`` plus ``version`` and
 ``created_at``; that JSON is a public contract (add fields, never rename).
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from streamlme.blup import Effects, group_effects
+from streamlme.blup import Effects, Kernel, TermsModel, group_effects
 from streamlme.estimate.result import FitResult
 from streamlme.spec import ModelSpec
 from streamlme.stats import GroupStats
@@ -53,9 +55,16 @@ class ModelRecord:
     @classmethod
     def from_fit(cls, result: FitResult, spec: ModelSpec, fit_seconds: float | None = None,
                  created_at: float | None = None) -> ModelRecord:
+        fit = result.to_dict(ranef=False)
+        if len(spec.terms) > 1 and result.terms:
+            # several terms: keep every level's conditional modes (not their covariances), the
+            # other factors' effects a crossed term's on-demand effect is conditioned on
+            for out, term in zip(fit["terms"], result.terms):
+                if term.ranef is not None:
+                    out["ranef"] = {k: v.tolist() for k, v in zip(term.levels, term.ranef)}
         return cls(
             spec=spec,
-            fit=result.to_dict(ranef=False),
+            fit=fit,
             created_at=time.time() if created_at is None else created_at,
             fit_seconds=result.optsummary.seconds if fit_seconds is None else fit_seconds,
             events_seen=float(result.n_obs),
@@ -93,6 +102,15 @@ class ModelRecord:
         """Every group's effect under this model, from the groups' current statistics."""
         return group_effects(stats, self.spec, self.beta, self.G, self.sigma2,
                              z_centre=self.z_centre, G_centred=self.G_centred)
+
+    def kernel(self) -> Kernel:
+        """The one-term BLUP kernel of this model (its first term, in its centred basis)."""
+        return Kernel.for_spec(self.spec, self.beta, self.G, self.sigma2,
+                               z_centre=self.z_centre, G_centred=self.G_centred)
+
+    def terms_model(self) -> TermsModel:
+        """This model for effects of any term's levels (`streamlme.blup.TermsModel`)."""
+        return TermsModel.from_fit(self.spec, self.fit)
 
     @property
     def converged(self) -> bool:

@@ -15,8 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Hashable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,9 +29,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "streamlme.river needs the river package; install it with pip install 'streamlme[river]'"
     ) from exc
 
+from streamlme.blup import Kernel
 from streamlme.estimate import FitResult, fit
-from streamlme.estimate.linalg import psd_factor
-from streamlme.spec import COVARIANCES, INTERCEPT, METHODS, ModelSpec
+from streamlme.spec import COVARIANCES, INTERCEPT, METHODS, ModelSpec, SpecError
 from streamlme.stats import GroupStats, decay_factor, merge_moments
 
 Array = NDArray[np.float64]
@@ -77,56 +76,23 @@ def _has_numbers(values: pd.Series) -> bool:
     return any(_is_number(v) for v in values)
 
 
-@dataclass
 class _Model:
-    """What a refresh leaves behind for prediction, indexed by feature column."""
+    """What a refresh leaves behind for prediction: the BLUP core's `Kernel` of the fit, on the
+    estimator's own columns (features..., y)."""
 
-    beta0: float
-    beta_idx: np.ndarray  # feature columns in the fixed part
-    beta: Array
-    z_idx: np.ndarray  # feature column of each random term, -1 for the intercept
-    z_centre: Array  # where the fit centred each random term (0 for the intercept)
-    Lam: Array  # relative factor in the centred basis: Lam Lam' = G_centred / sigma^2
-    _maps: tuple[int, Array, Array] | None = field(default=None, repr=False)
-
-    def _affine(self, D: int) -> tuple[Array, Array]:
-        """K, k with (z, r) = K w + k: the random design z and the residual r = y - x'beta of a
-        row w = (features..., y) of width D."""
-        if self._maps is None or self._maps[0] != D:
-            q = len(self.z_idx)
-            K, k = np.zeros((q + 1, D)), np.zeros(q + 1)
-            for t, j in enumerate(self.z_idx):
-                if j < 0:
-                    k[t] = 1.0
-                else:
-                    K[t, j], k[t] = 1.0, -self.z_centre[t]
-            K[q, -1] = 1.0
-            K[q, self.beta_idx] -= self.beta
-            k[q] = -self.beta0
-            self._maps = (D, K, k)
-        return self._maps[1], self._maps[2]
+    def __init__(self, kernel: Kernel) -> None:
+        self.kernel = kernel
 
     def fixed_part(self, X: Array) -> Array:
-        return self.beta0 + X[:, self.beta_idx] @ self.beta
+        return self.kernel.fixed_part(X)
 
     def random_design(self, X: Array) -> Array:
         """The centred random design z - z_centre, the basis `blups` answers in."""
-        return np.where(self.z_idx < 0, 1.0, X[:, np.maximum(self.z_idx, 0)] - self.z_centre)
+        return self.kernel.random_design(X)
 
     def blups(self, n: Array, m: Array, C: Array) -> Array:
-        """b_j = Lam P_j^-1 Lam' Z_j'r_j, P_j = Lam' Z_j'Z_j Lam + I, for stacked groups.
-
-        The same algebra as `streamlme.blup`: the cross-products of (z, r) = K w + k follow from
-        the group's (n, m, C) as n u u' + K C K' with u = K m + k, the mean (z, r); the mean
-        residual is formed directly, which keeps its digits when y is large.
-        """
-        K, k = self._affine(m.shape[1])
-        q = len(k) - 1
-        u = m @ K.T + k
-        M = n[:, None, None] * u[:, :, None] * u[:, None, :] + K @ C @ K.T
-        P = self.Lam.T @ M[:, :q, :q] @ self.Lam + np.eye(q)
-        s = np.linalg.solve(P, (M[:, :q, q] @ self.Lam)[..., None])
-        return (self.Lam @ s)[..., 0]
+        """Each group's conditional modes in the centred basis (`Kernel.modes`)."""
+        return self.kernel.modes(n, m, C)
 
 
 class MixedEffectsRegressor(base.MiniBatchRegressor):
@@ -164,6 +130,16 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
     (`compose.Select`, `compose.FuncTransformer`) in front of this model, and keep the group key
     in the features it receives.
 
+    A formula. ``formula="y ~ age + C(sex, levels=['F', 'M']) + (1 + age | hospital)"`` states
+    the model as lme4 does (`streamlme.spec.ModelSpec.from_formula`; the response's name is only
+    a label, the target is ``y``): the fixed and random parts are exactly the formula's design
+    columns (nothing grows, nothing is left out), categorical covariates are coded as lme4 codes
+    them against levels declared in the formula or in ``levels`` (an event with an undeclared
+    or missing level raises ValueError naming it), and the group is the term's factor (a tuple
+    of values for an interaction ``g:h``). The online estimator fits **one** random-effect term:
+    a formula with several terms (crossed or nested) raises ValueError; fit those from
+    statistics with `streamlme.lmer` or the streaming refresh, which are exact for them.
+
     Parameters
     ----------
     group
@@ -184,6 +160,11 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         no forgetting).
     first_refresh
         Events before the first refit.
+    formula
+        An lme4 formula with one random-effect term, instead of ``group``, ``random``,
+        ``fixed`` and ``covariance`` (leave those at their defaults).
+    levels
+        With ``formula``: categorical columns and their levels, first level the reference.
 
     Attributes
     ----------
@@ -235,6 +216,8 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         method: str = "REML",
         half_life: float | None = None,
         first_refresh: int = 100,
+        formula: str | None = None,
+        levels: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.group = group
         self.random = random
@@ -244,14 +227,24 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         self.method = method
         self.half_life = half_life
         self.first_refresh = first_refresh
+        self.formula = formula
+        self.levels = levels
         self._check_params()
+        self._spec = self._formula_spec()
 
         self._random = (random,) if isinstance(random, str) else tuple(random)
         self._fixed_set = None if fixed is None else {f for f in fixed if f != INTERCEPT}
         # random slopes have a column from the start: a slope never seen is all zeros (and the
         # refresh says so) rather than a missing column
         self._features: list[Hashable] = [t for t in self._random if t != INTERCEPT]
-        self._col: dict[Hashable, int] = {f: j for j, f in enumerate(self._features)}
+        if self._spec is not None:
+            self._features = list(self._spec.covariates)  # the formula's design columns
+            self._atoms = [[(c, None if lv is None else self._spec.levels[c].index(lv))
+                            for c, lv in self._spec.atoms(name)]
+                           for name in self._spec.covariates]
+            self._factors = self._spec.terms[0].factors
+        self._col: dict[Hashable, int] = ({} if self._spec is not None else
+                                          {f: j for j, f in enumerate(self._features)})
         self._groups: dict[Hashable, int] = {}
         D = len(self._features) + 1
         # per-group statistics of w = (features..., y), rows 0.._G-1 in use, grown by doubling
@@ -269,7 +262,37 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         self.last_error_: str | None = None
         self.n_refreshes_ = 0
 
+    def _formula_spec(self) -> ModelSpec | None:
+        if self.formula is None:
+            return None
+        try:
+            spec = ModelSpec.from_formula(self.formula, levels=self.levels,
+                                          method=str(self.method))
+        except SpecError as exc:
+            raise ValueError(f"formula: {exc}") from None
+        if len(spec.terms) > 1:
+            raise ValueError(
+                f"formula: {spec.formula!r} has {len(spec.terms)} random-effect terms "
+                f"({', '.join(t.formula() for t in spec.terms)}); the online estimator fits one. "
+                "Fit several-term models with streamlme.lmer or the streaming refresh")
+        return spec
+
     def _check_params(self) -> None:
+        if self.formula is not None:
+            if not isinstance(self.formula, str):
+                raise ValueError(f"formula: expected an lme4 formula string, got "
+                                 f"{self.formula!r}")
+            given = [name for name, default in (("group", "group"), ("fixed", None),
+                                                ("covariance", "unstructured"))
+                     if getattr(self, name) != default]
+            if tuple([self.random] if isinstance(self.random, str) else self.random) != ("1",):
+                given.append("random")
+            if given:
+                raise ValueError(f"formula: give the model as a formula or with "
+                                 f"{', '.join(given)}, not both")
+        elif self.levels is not None:
+            raise ValueError("levels: declares the levels of a formula's categorical columns; "
+                             "give formula too")
         terms = [self.random] if isinstance(self.random, str) else list(self.random)
         if not terms or not all(isinstance(t, str) and t for t in terms):
             raise ValueError(f'random: expected a list of terms such as ["1", "age"], got '
@@ -298,6 +321,8 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         yield {"group": "gallup", "refresh_every": 40, "first_refresh": 20}
         yield {"group": "gallup", "random": ("1", "ipsos"), "refresh_every": 30,
                "first_refresh": 10, "half_life": 100.0}
+        yield {"formula": "approval ~ ipsos + (1 | gallup)", "refresh_every": 40,
+               "first_refresh": 20}
 
     # -- public state -------------------------------------------------------------------------
 
@@ -317,14 +342,18 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         if not math.isfinite(y):
             log.debug("skipping an event with non-finite target %r", y)
             return
-        self._admit(k for k, v in x.items() if _is_number(v))
-        w = np.zeros(len(self._features) + 1)
-        for k, v in x.items():
-            j = self._col.get(k)
-            if j is not None and k != self.group and _is_number(v):
-                w[j] = _finite(v)
-        w[-1] = y
-        i = self._row(_group_key(x.get(self.group)))
+        if self._spec is not None:
+            w = np.array([*self._design_row(x), y])
+            i = self._row(self._key(x))
+        else:
+            self._admit(k for k, v in x.items() if _is_number(v))
+            w = np.zeros(len(self._features) + 1)
+            for k, v in x.items():
+                j = self._col.get(k)
+                if j is not None and k != self.group and _is_number(v):
+                    w[j] = _finite(v)
+            w[-1] = y
+            i = self._row(_group_key(x.get(self.group)))
         self._seen += 1
         n, m = self._n, self._mean[i]
         if self.half_life is not None:
@@ -384,6 +413,8 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
 
     def _admit(self, keys: Iterable[Hashable]) -> None:
         """Give new numeric features a column (before y); their past values were 0."""
+        if self._spec is not None:  # a formula fixes the columns
+            return
         new = {k for k in keys if k != self.group and k not in self._col
                and (self._fixed_set is None or k in self._fixed_set)}
         if not new:
@@ -435,6 +466,8 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         n, mean, C = self._state(np.arange(self._G))
         live = n > 0
         n, mean, C = n[live], mean[live], C[live]
+        if self._spec is not None:
+            return self._refit_formula(n, mean, C)
         names = self._names()
         index = {name: j for j, name in enumerate(names)}
         fixed_cols = self._fixed_columns(n, mean, C)
@@ -444,6 +477,20 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         cols = [index[c] for c in spec.covariates] + [len(names)]
         stats = GroupStats([str(i) for i in range(len(n))], n, mean[:, cols],
                            C[:, cols][:, :, cols], np.full(len(n), np.nan))
+        res = self._fit(stats, spec)
+        kernel = Kernel.for_spec(spec, res.beta, res.G, res.sigma2, z_centre=res.z_centre,
+                                 G_centred=res.G_centred)
+        return _Model(kernel.on_columns(cols, len(names) + 1)), res
+
+    def _refit_formula(self, n: Array, mean: Array, C: Array) -> tuple[_Model, FitResult]:
+        spec = self._spec
+        assert spec is not None
+        stats = GroupStats([str(i) for i in range(len(n))], n, mean, C, np.full(len(n), np.nan))
+        res = self._fit(stats, spec)
+        return _Model(Kernel.for_spec(spec, res.beta, res.G, res.sigma2, z_centre=res.z_centre,
+                                      G_centred=res.G_centred)), res
+
+    def _fit(self, stats: GroupStats, spec: ModelSpec) -> FitResult:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             res = fit(stats, spec, start=self.fit_, ranef=False)
@@ -451,16 +498,7 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
             log.info("refresh after %d events: %s", self._seen, w.message)
         if not (res.sigma2 > 0 and np.isfinite(res.beta).all() and np.isfinite(res.G).all()):
             raise ValueError(f"the fit gave sigma2={res.sigma2}, beta={res.beta}, G={res.G}")
-        model = _Model(
-            beta0=float(res.beta[0]),
-            beta_idx=np.array([index[t] for t in spec.fixed[1:]], dtype=np.intp),
-            beta=np.asarray(res.beta[1:], dtype=float).copy(),
-            z_idx=np.array([-1 if t == INTERCEPT else index[t] for t in spec.random],
-                           dtype=np.intp),
-            z_centre=np.asarray(res.z_centre, dtype=float).copy(),
-            Lam=psd_factor(res.G_centred / res.sigma2),
-        )
-        return model, res
+        return res
 
     def _names(self) -> list[str]:
         """Term names for the spec: the features' str() when those are usable, else x0, x1, ..."""
@@ -507,9 +545,13 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
     # -- prediction ---------------------------------------------------------------------------
 
     def predict_one(self, x: dict[Hashable, Any]) -> float:
-        i = self._groups.get(_group_key(x.get(self.group)), -1)
-        row = np.zeros((1, len(self._features)))
-        if self._model is not None:
+        if self._spec is not None:
+            i = self._groups.get(self._key(x), -1)
+            row = np.array([self._design_row(x)])
+        else:
+            i = self._groups.get(_group_key(x.get(self.group)), -1)
+            row = np.zeros((1, len(self._features)))
+        if self._model is not None and self._spec is None:
             for k, v in x.items():
                 j = self._col.get(k)
                 if j is not None and k != self.group and _is_number(v):
@@ -542,13 +584,63 @@ class MixedEffectsRegressor(base.MiniBatchRegressor):
         return out
 
     def _group_column(self, X: pd.DataFrame) -> list[Hashable]:
+        if self._spec is not None:
+            cols = [[_group_key(k) for k in X[c].tolist()] if c in X.columns else [None] * len(X)
+                    for c in self._factors]
+            return cols[0] if len(cols) == 1 else list(zip(*cols))
         if self.group not in X.columns:
             return [None] * len(X)
         return [_group_key(k) for k in X[self.group].tolist()]
 
     def _feature_matrix(self, X: pd.DataFrame) -> Array:
+        if self._spec is not None:
+            return self._design_matrix(X)
         F = np.zeros((len(X), len(self._features)))
         for j, f in enumerate(self._features):
             if f in X.columns and f != self.group:
                 F[:, j] = _column(X[f])
         return F
+
+    # -- a formula's design -------------------------------------------------------------------
+
+    def _key(self, x: Mapping[Hashable, Any]) -> Hashable:
+        """The group of an event under a formula: the term's factor (a tuple for ``g:h``)."""
+        if len(self._factors) == 1:
+            return _group_key(x.get(self._factors[0]))
+        return tuple(_group_key(x.get(c)) for c in self._factors)
+
+    def _code(self, column: str, value: Any) -> int:
+        spec = self._spec
+        assert spec is not None
+        declared = spec.levels[column]
+        if value is not None and str(value) in declared:
+            return declared.index(str(value))
+        raise ValueError(f"{column!r} = {value!r} is not one of its declared levels "
+                         f"{list(declared)}; declare every level in the formula or in levels=")
+
+    def _design_row(self, x: Mapping[Hashable, Any]) -> list[float]:
+        """An event's design columns (all but the response), as the formula codes them:
+        numeric columns as they are (missing or non-finite: 0), indicators of declared levels."""
+        out = []
+        for atoms in self._atoms:
+            v = 1.0
+            for column, code in atoms:
+                raw = x.get(column)
+                if code is None:
+                    v *= _finite(raw) if _is_number(raw) else 0.0
+                else:
+                    v *= 1.0 if self._code(column, raw) == code else 0.0
+            out.append(v)
+        return out
+
+    def _design_matrix(self, X: pd.DataFrame) -> Array:
+        spec = self._spec
+        assert spec is not None
+        numeric = {c: (_column(X[c]) if c in X.columns else np.zeros(len(X)))
+                   for c in spec.numeric_inputs[:-1]}
+        numeric[spec.response] = np.zeros(len(X))
+        codes = {}
+        for c in spec.categorical_inputs:
+            values = X[c].tolist() if c in X.columns else [None] * len(X)
+            codes[c] = np.array([self._code(c, v) for v in values], dtype=np.intp)
+        return spec.design_matrix(numeric, codes)[:, :-1]

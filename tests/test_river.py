@@ -267,7 +267,7 @@ RIVER_CHECKS = [
 
 
 @pytest.mark.parametrize("params", list(MixedEffectsRegressor._unit_test_params()),
-                         ids=["random-intercept", "random-slope-forgetting"])
+                         ids=["random-intercept", "random-slope-forgetting", "formula"])
 def test_river_estimator_checks(params):
     m = MixedEffectsRegressor(**params)
     ran = 0
@@ -286,3 +286,88 @@ def test_river_estimator_checks(params):
     for x, y in datasets.TrumpApproval().take(200):
         trained.learn_one(x, y)
     assert trained.n_refreshes_ > 0 and trained.last_error_ is None
+
+
+# -- formulas -------------------------------------------------------------------------------------
+
+
+def test_a_formula_states_the_same_model_as_group_and_random():
+    xs, ys = demo_stream(n_events=1500)
+    a = model(first_refresh=500, refresh_every=500)
+    b = MixedEffectsRegressor(formula="los ~ age + severity + (1 + age | hospital)",
+                              first_refresh=500, refresh_every=500)
+    for x, y in zip(xs[:1200], ys[:1200]):
+        a.learn_one(x, y)
+        b.learn_one(x, y)
+    assert b.n_refreshes_ == a.n_refreshes_ > 0 and b.last_error_ is None
+    assert b.fit_.fixed == ["(Intercept)", "age", "severity"] and b.features_ == ["age", "severity"]
+    np.testing.assert_allclose(b.fit_.beta, a.fit_.beta, rtol=1e-9)
+    queries = [*xs[1200:1300], {"hospital": "never seen", "age": 50.0, "severity": 2.0}]
+    np.testing.assert_allclose([b.predict_one(x) for x in queries],
+                               [a.predict_one(x) for x in queries], rtol=1e-9)
+    np.testing.assert_allclose(b.predict_many(pd.DataFrame(queries)),
+                               [a.predict_one(x) for x in queries], rtol=1e-9)
+
+
+def _with_sex(xs, ys, seed=5):
+    rng = np.random.default_rng(seed)
+    sex = rng.choice(["F", "M"], size=len(xs))
+    out = [dict(x, sex=str(s)) for x, s in zip(xs, sex)]
+    return out, [y + (0.7 if s == "M" else 0.0) for y, s in zip(ys, sex)]
+
+
+def test_a_categorical_covariate_is_coded_as_lme4_codes_it():
+    from streamlme.data import frame_stats
+    from streamlme.spec import ModelSpec
+
+    xs, ys = _with_sex(*demo_stream(n_events=2000))
+    formula = "los ~ age + C(sex, levels=['F', 'M']) + (1 + age | hospital)"
+    m = MixedEffectsRegressor(formula=formula, first_refresh=1500, refresh_every=10_000)
+    for x, y in zip(xs[:1500], ys[:1500]):
+        m.learn_one(x, y)
+    assert m.n_refreshes_ == 1 and m.fit_.fixed == ["(Intercept)", "age", "sexM"]
+    spec = ModelSpec.from_formula(formula)
+    frame = pd.DataFrame(xs[:1500]).assign(los=ys[:1500])
+    ref = fit(frame_stats(frame, spec), spec, ranef=False)
+    np.testing.assert_allclose(m.fit_.beta, ref.beta, rtol=1e-7)
+    assert m.fit_.beta[2] == pytest.approx(0.7, abs=0.15)
+    # between refreshes: x'beta + z'b from the engine's BLUP of the current statistics
+    for x, y in zip(xs[1500:1700], ys[1500:1700]):
+        m.learn_one(x, y)
+    now = pd.DataFrame(xs[:1700]).assign(los=ys[:1700])
+    stats = frame_stats(now, spec)
+    res = m.fit_
+    for x in [*xs[1700:1720], {"hospital": "never seen", "age": 50.0, "sex": "M"}]:
+        eff = effects_for(stats, [x["hospital"]], spec, res.beta, res.G, res.sigma2,
+                          z_centre=res.z_centre, G_centred=res.G_centred)
+        xv = np.array([1.0, x["age"], 1.0 if x["sex"] == "M" else 0.0])
+        want = float(xv @ res.beta + np.array([1.0, x["age"]]) @ eff.b[0])
+        assert m.predict_one(x) == pytest.approx(want, rel=1e-9)
+    with pytest.raises(ValueError, match="'sex' = 'X' is not one of its declared levels"):
+        m.learn_one(dict(xs[0], sex="X"), 1.0)
+    with pytest.raises(ValueError, match="declared levels"):
+        m.predict_many(pd.DataFrame([dict(xs[0], sex=None)]))
+
+
+def test_a_formula_on_an_interaction_factor_groups_by_both_columns():
+    xs, ys = demo_stream(n_events=1200)
+    xs = [dict(x, ward="AB"[i % 2]) for i, x in enumerate(xs)]
+    m = MixedEffectsRegressor(formula="los ~ age + (1 | hospital:ward)", first_refresh=600)
+    for x, y in zip(xs, ys):
+        m.learn_one(x, y)
+    assert m.last_error_ is None and m.n_refreshes_ > 0
+    assert (xs[0]["hospital"], xs[0]["ward"]) in m._groups
+    assert m.n_groups_ == len({(x["hospital"], x["ward"]) for x in xs})
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"formula": "y ~ x + (1 | s) + (1 | d)"}, "has 2 random-effect terms .* fits one"),
+    ({"formula": "y ~ x + (1 | g/h)"}, "has 2 random-effect terms"),
+    ({"formula": "y ~ x + (1 | g)", "group": "g"}, "formula or with group, not both"),
+    ({"formula": "y ~ x + (1 | g)", "random": ["1", "x"]}, "not both"),
+    ({"formula": "y ~ x + (1 | )"}, "formula: at character"),
+    ({"levels": {"sex": ["F", "M"]}}, "give formula too"),
+])
+def test_formula_mistakes_say_what_is_wrong(kw, match):
+    with pytest.raises(ValueError, match=match):
+        MixedEffectsRegressor(**kw)

@@ -10,10 +10,18 @@ pairwise merge. Every implementation gives the same guarantees:
   stops a consumer whose partitions were taken away (a zombie) from applying anything twice.
 - Retractions that would take more mass out of a group than it holds are refused per group and
   reported, so the caller can dead-letter the events that asked for them.
+- A key that is a JSON array of two or more strings is the key of a *cell* of a model with
+  several grouping columns (`streamlme.spec.ModelSpec.cell_key`): element i is the cell's level
+  of grouping column i. When such a cell first arrives, the merge that brings it also indexes it
+  under (i, level) for every i, atomically with its statistics, and `cells_of(i, level)` lists
+  the cells carrying a level (what a query of one level of a several-term model reads). Keys of
+  a one-column model are the levels themselves and are not indexed (one that happens to read as
+  such an array is indexed harmlessly).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -46,6 +54,25 @@ class MergeResult:
     overdrawn: list[str] = field(default_factory=list)
 
 
+def cell_levels(key: str) -> tuple[str, ...]:
+    """The levels a cell key names, or () for a key that is not a JSON array of two or more
+    strings (the key of a one-column model's group, which is not indexed).
+
+    >>> cell_levels('["A","a"]'), cell_levels("A17"), cell_levels('["only"]')
+    (('A', 'a'), (), ())
+    """
+    if not key.startswith("["):
+        return ()
+    try:
+        levels = json.loads(key)
+    except ValueError:
+        return ()
+    if (not isinstance(levels, list) or len(levels) < 2
+            or not all(isinstance(v, str) for v in levels)):
+        return ()
+    return tuple(levels)
+
+
 @runtime_checkable
 class StateStore(Protocol):
     """Per-group statistics plus Kafka offsets, merged atomically."""
@@ -74,6 +101,10 @@ class StateStore(Protocol):
 
     def scan(self, chunk: int = 10_000) -> Iterator[GroupStats]:
         """Every group, in chunks of about ``chunk``, with bounded memory."""
+        ...
+
+    def cells_of(self, position: int, level: str) -> list[str]:
+        """Keys of the cells whose grouping column ``position`` holds ``level``."""
         ...
 
     def n_groups(self) -> int:

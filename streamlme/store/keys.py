@@ -82,6 +82,17 @@ class Keys:
         return f"{self.tag}:groups"
 
     @property
+    def levels(self) -> str:
+        """Index of cells by level: members ``<position>:<encoded level>:<encoded cell id>``."""
+        return f"{self.tag}:levels"
+
+    def level_range(self, position: int, level: str) -> tuple[str, str]:
+        """ZRANGEBYLEX bounds of the index members of one level of grouping column
+        ``position`` (an encoded level never holds ``:``, and ``;`` follows ``:``)."""
+        head = f"{int(position)}:{encode_group(level)}"
+        return f"[{head}:", f"({head};"
+
+    @property
     def offsets(self) -> str:
         return f"{self.tag}:offsets"
 

@@ -16,6 +16,15 @@ MergeResult(applied=False, conflicts={('events', 0): 3}, overdrawn=[])
 >>> store.get("a").n.tolist(), store.offsets("events")
 ([2.0], {0: 3})
 
+Cells of a model with several grouping columns are keyed by the JSON array of their levels
+(`streamlme.spec.ModelSpec.cell_key`); the store indexes such keys by (column position, level)
+as they first arrive, so `cells_of` answers which cells carry a level (see `streamlme.store.base`):
+
+>>> cells = GroupStats.from_rows(['["A","a"]', '["A","b"]', '["B","a"]'], np.ones((3, 2)))
+>>> _ = store.merge(cells)
+>>> store.cells_of(0, "A"), store.cells_of(1, "a")
+(['["A","a"]', '["A","b"]'], ['["A","a"]', '["B","a"]'])
+
 `snapshot` writes every group, offset and model version to one ``.npz`` file (a temporary file
 renamed over the old one, so a crash mid-write leaves the previous snapshot intact), and
 ``MemoryStore(snapshot=path)`` starts from it.
@@ -35,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from streamlme.stats import GroupStats, unpack_many
-from streamlme.store.base import MergeResult, OffsetRange, TopicPartition
+from streamlme.store.base import MergeResult, OffsetRange, TopicPartition, cell_levels
 from streamlme.store.errors import StaleFenceError, StoreError
 from streamlme.store.policy import MODEL_HISTORY, OVERDRAW_RTOL
 
@@ -74,6 +83,8 @@ class MemoryStore:
         self._d = d if d is not None else (len(self.columns) if self.columns else None)
         self.model_history = model_history
         self._stats: GroupStats | None = None
+        # (grouping column position, level) -> keys of the cells carrying it, in arrival order
+        self._cells: dict[tuple[int, str], list[str]] = {}
         self._offsets: dict[TopicPartition, int] = {}
         self._models: dict[int, bytes] = {}
         self._model_seq = 0
@@ -129,11 +140,14 @@ class MemoryStore:
             if width is not None:
                 self._d = width
             if len(adds):
+                before = 0 if self._stats is None else len(self._stats)
                 if self._stats is None:
                     # Exactly what merging into zeros gives: m_b * (n_b / n_b) is m_b.
                     self._stats = adds.copy()
                 else:
                     self._stats.merge(adds, half_life=half_life)
+                # new cells are appended: index only those
+                self._index_cells(self._stats.keys[before:])
             overdrawn: list[str] = []
             if retracts is not None:
                 overdrawn = self._retract(retracts)
@@ -149,6 +163,11 @@ class MemoryStore:
         if width is not None and self._d is not None and width != self._d:
             raise StoreError(f"batch has {width} columns; this store holds {self._d}")
         return width
+
+    def _index_cells(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            for position, level in enumerate(cell_levels(key)):
+                self._cells.setdefault((position, level), []).append(key)
 
     def _retract(self, retracts: GroupStats) -> list[str]:
         stats = self._stats
@@ -200,6 +219,12 @@ class MemoryStore:
             start += len(part)
             yield part
 
+    def cells_of(self, position: int, level: str) -> list[str]:
+        """Keys of the cells whose grouping column ``position`` holds ``level`` (cells keyed by
+        a JSON array of levels; see `streamlme.store.base`), in the order they arrived."""
+        with self._lock:
+            return list(self._cells.get((int(position), level), ()))
+
     def n_groups(self) -> int:
         with self._lock:
             return 0 if self._stats is None else len(self._stats)
@@ -207,6 +232,7 @@ class MemoryStore:
     def clear(self) -> None:
         with self._lock:
             self._stats = None
+            self._cells.clear()
             self._offsets.clear()
             self._models.clear()
             self._model_seq = 0
@@ -382,6 +408,7 @@ class MemoryStore:
             n, t, m, C = unpack_many([records[i * size : (i + 1) * size]
                                       for i in range(len(keys))])
             self._stats = GroupStats(keys, n, m, C, t)
+            self._index_cells(keys)
         self._d = d if d is not None else self._d
         if self.columns is None and snap_cols is not None:
             self.columns = tuple(snap_cols)

@@ -7,8 +7,9 @@
 -- little-endian float64 n, t, mean[d], upper triangle of C (row-major), as struct '<d...'.
 --
 -- KEYS[1] meta hash   KEYS[2] group registry (sorted set)   KEYS[3] offsets hash
--- KEYS[4 .. 3+na]            keys of the groups in adds
--- KEYS[4+na .. 3+na+nr]      keys of the groups in retracts
+-- KEYS[4] index of cells by level (sorted set, see below)
+-- KEYS[5 .. 4+na]            keys of the groups in adds
+-- KEYS[5+na .. 4+na+nr]      keys of the groups in retracts
 -- ARGV[1] header shared by every delta   ARGV[2] half-life, or "" for no decay
 -- ARGV[3] na   ARGV[4] nr   ARGV[5] adds, concatenated records   ARGV[6] retracts, likewise
 -- ARGV[7] columns (JSON) or ""   ARGV[8] length of the group key prefix
@@ -18,6 +19,11 @@
 -- (nothing changed), else {1, i, ...}: 1-based indices of retractions refused as overdrawn.
 -- Everything that could fail is checked before the first write: Redis does not roll back a
 -- script that errors half-way.
+--
+-- A new group whose id is a JSON array of two or more strings is a cell of a model with several
+-- grouping columns (element i its level of grouping column i): it is also added to the index
+-- KEYS[4] as members "<i>:<encoded level>:<encoded cell id>" (score 0), so that the cells of a
+-- level are one ZRANGEBYLEX. Ids of a one-column model (the levels) cost one prefix test.
 
 local s_unpack, s_pack, unpack, sub = struct.unpack, struct.pack, unpack, string.sub
 local header = ARGV[1]
@@ -82,9 +88,9 @@ local function read(first, count)
   end
   return values
 end
-local cur_a, bad_a = read(4, na)
+local cur_a, bad_a = read(5, na)
 if not cur_a then return redis.error_reply('CORRUPT ' .. bad_a .. ' is not a record of width ' .. d) end
-local cur_r, bad_r = read(4 + na, nr)
+local cur_r, bad_r = read(5 + na, nr)
 if not cur_r then return redis.error_reply('CORRUPT ' .. bad_r .. ' is not a record of width ' .. d) end
 
 local inf = math.huge
@@ -118,12 +124,32 @@ local function pack(s)
   return s_pack(out_fmt, magic1, magic2, version, d, unpack(s, 1, nvals))
 end
 
+local function zadd(key, members)
+  for lo = 1, #members, 2 * CHUNK do
+    redis.call('ZADD', key, unpack(members, lo, math.min(lo + 2 * CHUNK - 1, #members)))
+  end
+end
+
 local function flush(pairs_, members)
   for lo = 1, #pairs_, 2 * CHUNK do
     redis.call('MSET', unpack(pairs_, lo, math.min(lo + 2 * CHUNK - 1, #pairs_)))
   end
-  for lo = 1, #members, 2 * CHUNK do
-    redis.call('ZADD', KEYS[2], unpack(members, lo, math.min(lo + 2 * CHUNK - 1, #members)))
+  zadd(KEYS[2], members)
+end
+
+-- The index entries of a new group with encoded id `id` (streamlme.store.keys.encode_group:
+-- every byte outside [A-Za-z0-9_.~-] as %XX), appended to `ix`.
+local function unhex(h) return string.char(tonumber(h, 16)) end
+local function hex(c) return string.format('%%%02X', string.byte(c)) end
+local function index_cell(id, ix)
+  local ok, levels = pcall(cjson.decode, (string.gsub(id, '%%(%x%x)', unhex)))
+  if not ok or type(levels) ~= 'table' or #levels < 2 then return end
+  for i = 1, #levels do
+    if type(levels[i]) ~= 'string' then return end
+  end
+  for i = 1, #levels do
+    ix[#ix + 1] = 0
+    ix[#ix + 1] = (i - 1) .. ':' .. (string.gsub(levels[i], '[^A-Za-z0-9_%.~%-]', hex)) .. ':' .. id
   end
 end
 
@@ -145,9 +171,9 @@ end
 local written = {}  -- new values by key, so retractions see this batch's additions
 
 -- 4. additions: pairwise (Chan et al.) merge, as merge_moments, computed in place in a
-local out, members, no, nm = {}, {}, 0, 0
+local out, members, no, nm, ix = {}, {}, 0, 0, {}
 for i = 1, na do
-  local key = KEYS[3 + i]
+  local key = KEYS[4 + i]
   local b = {s_unpack(fmt, adds, (i - 1) * size + 5)}
   local a
   if cur_a[i] then
@@ -155,9 +181,11 @@ for i = 1, na do
   else
     a = {0, 0 / 0}
     for k = 3, nvals do a[k] = 0 end
+    local id = sub(key, prefix_len + 1)
     members[nm + 1] = 0
-    members[nm + 2] = sub(key, prefix_len + 1)
+    members[nm + 2] = id
     nm = nm + 2
+    if sub(id, 1, 3) == '%5B' then index_cell(id, ix) end
   end
   if half_life then
     local t = fmax(a[2], b[2])
@@ -185,12 +213,13 @@ for i = 1, na do
   if nr > 0 then written[key] = v end
 end
 flush(out, members)
+zadd(KEYS[4], ix)
 
 -- 5. retractions: inverse update, as retract_moments, in place; refuse to overdraw a group
 local overdrawn = {1}
 out, no = {}, 0
 for i = 1, nr do
-  local key = KEYS[3 + na + i]
+  local key = KEYS[4 + na + i]
   local cur = written[key] or cur_r[i]
   local b = {s_unpack(fmt, retracts, (i - 1) * size + 5)}
   local s = cur and {s_unpack(fmt, cur, 5)}

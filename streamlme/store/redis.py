@@ -8,6 +8,7 @@ key                            type    value
 =============================  ======  =========================================================
 ``{ns}:g:<encoded group id>``  string  the group's statistics, `streamlme.stats` byte record
 ``{ns}:groups``                zset    registry: every encoded group id, score 0 (lex-ordered)
+``{ns}:levels``                zset    cells by level: ``<i>:<encoded level>:<encoded cell id>``
 ``{ns}:offsets``               hash    ``<topic>:<partition>`` -> next offset to read
 ``{ns}:meta``                  hash    ``d``, ``format``, ``layout``, ``columns`` (JSON list)
 ``{ns}:models``                hash    model version -> record (bytes)
@@ -22,6 +23,11 @@ Group ids are percent-encoded (`streamlme.store.keys.encode_group`). The registr
 set, not a set: paging it by value (ZRANGE BYLEX from the last id seen) visits every group
 exactly once with bounded memory even while groups are being added, where SSCAN may return an
 element twice if the set is rehashed mid-scan — and a group counted twice would bias a refit.
+
+The level index holds, for every cell of a model with several grouping columns (a group id that
+is a JSON array of levels, see `streamlme.store.base`), one member per grouping column i; the
+merge that brings a new cell writes them in the same script. `cells_of` reads one level's cells
+with one ZRANGEBYLEX. Ids of a one-column model are not indexed.
 
 `RedisStore.merge` is one EVALSHA of ``merge.lua``: it checks every partition's recorded offset
 against the batch start, merges additions and retractions with the same arithmetic as
@@ -175,7 +181,7 @@ class RedisStore:
         if half_life is not None and not (half_life > 0 and half_life != float("inf")):
             raise StoreError(f"half_life must be a positive finite number, got {half_life}")
         r_keys = retracts.keys if retracts is not None else []
-        keys = [self.keys.meta, self.keys.groups, self.keys.offsets]
+        keys = [self.keys.meta, self.keys.groups, self.keys.offsets, self.keys.levels]
         keys += [self._prefix + encode_group(k) for k in adds.keys]
         keys += [self._prefix + encode_group(k) for k in r_keys]
         args: list[bytes | str | int] = [
@@ -251,6 +257,13 @@ class RedisStore:
                 return
             low = b"(" + members[-1]
 
+    def cells_of(self, position: int, level: str) -> list[str]:
+        """Keys of the cells whose grouping column ``position`` holds ``level`` (cells keyed by
+        a JSON array of levels; see `streamlme.store.base`): one ZRANGEBYLEX."""
+        low, high = self.keys.level_range(position, level)
+        skip = len(low) - 1
+        return [decode_group(m[skip:]) for m in self.client.zrangebylex(self.keys.levels, low, high)]
+
     def n_groups(self) -> int:
         return int(self.client.zcard(self.keys.groups))
 
@@ -264,8 +277,8 @@ class RedisStore:
             self.client.unlink(*[prefix + m for m in members])
             self.client.zrem(self.keys.groups, *members)
         k = self.keys
-        self.client.unlink(k.groups, k.offsets, k.meta, k.models, k.model_seq, k.model_current,
-                           k.model_fence)
+        self.client.unlink(k.groups, k.levels, k.offsets, k.meta, k.models, k.model_seq,
+                           k.model_current, k.model_fence)
         self._d = None if self.columns is None else len(self.columns)
 
     # -- models -----------------------------------------------------------------------------
