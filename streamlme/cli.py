@@ -255,22 +255,28 @@ def model(config_path: str, as_json: bool, history: bool, rollback_to: int | Non
 @click.argument("groups", nargs=-1, required=True)
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per group, in the order asked.")
-def effect(groups: tuple[str, ...], config_path: str, as_json: bool) -> None:
+@click.option("--term", default=None, metavar="FACTOR",
+              help="The grouping factor whose levels GROUPS are (e.g. doctor, hospital:doctor); "
+                   "needed for models with several terms.")
+def effect(groups: tuple[str, ...], config_path: str, as_json: bool, term: str | None) -> None:
     """The current offset (BLUP) of each GROUP, with its covariance and shrinkage.
 
     Computed from the group's running statistics and the current model; a group never seen
-    gets zeros, the prior covariance G and "known": false."""
+    gets zeros, the prior covariance G and "known": false. With --term, each GROUP is a level
+    of that factor and its line adds term, level, cells and solution ("exact" for one term and
+    nested terms; "gauss_seidel" for crossed terms between refreshes)."""
     from redis.exceptions import RedisError
 
-    from streamlme.client import ModelNotReady, effect_lines
+    from streamlme.client import ModelNotReady, TermRequired, UnknownTermError, effect_lines
     from streamlme.config import ConfigError
     from streamlme.stats import StatsError
     from streamlme.store.errors import StoreError
     from streamlme.store.keys import KeyNameError
 
     try:
-        lines = effect_lines(config_path, list(groups), as_json=as_json)
-    except (ModelNotReady, ConfigError, KeyNameError, StoreError, StatsError) as exc:
+        lines = effect_lines(config_path, list(groups), as_json=as_json, term=term)
+    except (ModelNotReady, ConfigError, KeyNameError, StoreError, StatsError, TermRequired,
+            UnknownTermError) as exc:
         raise click.ClickException(str(exc)) from exc
     except RedisError as exc:
         raise click.ClickException(f"Redis: {exc}") from exc

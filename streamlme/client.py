@@ -571,17 +571,22 @@ class Client:
 
 
 def effect_lines(config_path: str | os.PathLike[str], groups: Sequence[str],
-                 as_json: bool = True) -> list[str]:
-    """What `streamlme effect GROUP... --config FILE [--json]` prints, one line per group asked."""
+                 as_json: bool = True, term: str | None = None) -> list[str]:
+    """What `streamlme effect GROUP... --config FILE [--term T] [--json]` prints, one line per
+    group (level) asked."""
     with Client(config_path) as client:
-        effects = client.effects(groups)
+        effects = client.effects(groups, term=term)
     if as_json:
         return [e.to_json() for e in effects]
     return [_text_line(e) for e in effects]
 
 
-def _text_line(e: GroupEffect) -> str:
+def _text_line(e: GroupEffect | TermEffect) -> str:
     terms = "  ".join(f"{name} {b:+.6g} (se {math.sqrt(max(e.cov[i][i], 0.0)):.3g})"
                       for i, (name, b) in enumerate(e.effect.items()))
     seen = f"n={e.n:g}, shrinkage {e.shrinkage:.3f}" if e.known else "never seen: prior"
+    if isinstance(e, TermEffect):
+        cells = f", {e.cells} cell{'s' if e.cells != 1 else ''}" if e.known else ""
+        return (f"{e.term} {e.level}: {terms}  [{seen}{cells}; {e.solution}; "
+                f"model v{e.model_version}]")
     return f"{e.group}: {terms}  [{seen}; model v{e.model_version}]"

@@ -357,3 +357,46 @@ def test_model_fencing_refuses_a_deposed_writer(make_store):
     with pytest.raises(StaleFenceError, match="expired or was released"):
         store.put_model(b"leader 2 after letting go", fence=t2)
     assert store.put_model(b"unfenced") == 4  # a put without a token is not checked
+
+
+# -- the index of cells by level ------------------------------------------------------------------
+
+
+def cell(*levels: str) -> str:
+    import json
+
+    return json.dumps(list(levels), ensure_ascii=False, separators=(",", ":"))
+
+
+def test_cells_are_indexed_by_each_level_once_atomically_with_their_merge(make_store):
+    store = make_store()
+    weird = [w for w in WEIRD_IDS if len(w.encode()) < 100]
+    keys = [cell(a, b) for a in weird[:6] for b in ("x", "y:z")] + [cell("A", "x", "3")]
+    batch = GroupStats.from_rows(keys, np.ones((len(keys), 2)))
+    off = {("events", 0): OffsetRange(0, 5)}
+    assert store.merge(batch, offsets=off).applied
+    assert not store.merge(batch, offsets=off).applied           # a replay indexes nothing
+    assert store.merge(batch, offsets={("events", 0): OffsetRange(5, 9)}).applied  # known cells
+    for a in weird[:6]:
+        assert sorted(store.cells_of(0, a)) == sorted([cell(a, "x"), cell(a, "y:z")])
+    assert sorted(store.cells_of(1, "y:z")) == sorted(cell(a, "y:z") for a in weird[:6])
+    assert store.cells_of(2, "3") == [cell("A", "x", "3")]
+    assert store.cells_of(0, "nowhere") == [] and store.cells_of(5, "x") == []
+    # a retraction to zero keeps the cell (and its index entries), as it keeps its record
+    store.merge(GroupStats.empty(2), retracts=batch.select([keys[0]]))
+    store.merge(GroupStats.empty(2), retracts=batch.select([keys[0]]))
+    assert keys[0] in store.cells_of(0, weird[0])
+    # keys of a one-column model are not cells of several columns: nothing to index
+    plain = make_store()
+    plain.merge(GroupStats.from_rows(["A17", '["lone"]', "[", '["a",1]'], np.ones((4, 2))))
+    assert plain.cells_of(0, "A17") == [] and plain.cells_of(0, "lone") == []
+    assert plain.cells_of(0, "a") == []
+    store.clear()
+    assert store.cells_of(0, weird[0]) == []
+
+
+def test_a_refused_batch_indexes_nothing(make_store):
+    store = make_store(d=2)
+    with pytest.raises(StoreError):
+        store.merge(GroupStats.from_rows([cell("a", "b")], np.ones((1, 3))))
+    assert store.cells_of(0, "a") == []

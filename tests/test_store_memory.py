@@ -109,3 +109,12 @@ def test_readers_see_whole_batches_while_a_writer_merges():
         t.join()
     assert not errors
     assert store.get("g3").n.tolist() == [300.0]
+
+
+def test_a_snapshot_restores_the_index_of_cells_by_level(tmp_path):
+    store = MemoryStore()
+    keys = ['["A","a"]', '["A","b"]', '["B","a"]']
+    store.merge(GroupStats.from_rows(keys, np.ones((3, 2))))
+    loaded = MemoryStore.load(store.snapshot(tmp_path / "s.npz"))
+    assert loaded.cells_of(0, "A") == ['["A","a"]', '["A","b"]']
+    assert loaded.cells_of(1, "a") == ['["A","a"]', '["B","a"]']

@@ -55,6 +55,11 @@ def test_layout_is_as_documented(store):
     assert meta[b"d"] == b"2" and meta[b"format"] == b"1"
     n, m, _, _ = GroupStats.from_bytes_one(c.get(f"{{{ns}}}:g:A17"))
     assert n == 1.0 and m.tolist() == [1.0, 2.0]
+    store.merge(GroupStats.from_rows(['["A","x:y"]'], [[1.0, 2.0]]))
+    cell = "%5B%22A%22%2C%22x%3Ay%22%5D"
+    assert c.zrange(f"{{{ns}}}:levels", 0, -1) == [f"0:A:{cell}".encode(),
+                                                   f"1:x%3Ay:{cell}".encode()]
+    assert c.zscore(f"{{{ns}}}:groups", cell) == 0
 
 
 @pytest.mark.parametrize("bad", ["", "a{b", "a}b", "{x}", "a b", "a\nb"])
@@ -190,6 +195,19 @@ def test_a_lost_connection_raises_and_leaves_state_whole(redis_server_factory):
 
 
 # -- reads ------------------------------------------------------------------------------------
+
+
+def test_a_levels_cells_are_one_round_trip_and_the_index_is_in_the_namespace_slot(
+        redis_url, namespace):
+    client = CountingRedis.from_url(redis_url)
+    store = RedisStore(client, namespace)
+    keys = [f'["{a}","{b}"]' for a in ("p", "q") for b in range(50)]
+    store.merge(GroupStats.from_rows(keys, np.ones((len(keys), 2))))
+    assert key_slot(store.keys.levels.encode()) == key_slot(namespace.encode())
+    client.commands.clear()
+    assert len(store.cells_of(0, "q")) == 50 and client.commands == ["ZRANGEBYLEX"]
+    store.clear()
+    assert namespace_keys(store) == []
 
 
 def test_get_is_one_round_trip_and_scan_is_bounded(redis_url, namespace):

@@ -8,6 +8,8 @@ Routes (all JSON; errors are `streamlme.api.schemas.Error` bodies, see `streamlm
 =========================================  ================================================
 ``GET  /v1/groups/{group}/effect``         one group's effect (the ``streamlme effect`` line)
 ``POST /v1/groups/effects``                many: ``{"groups": [...]}``, one round trip
+``GET  /v1/terms/{term}/levels/{level}/    one level of a named term (several-term models;
+effect``                                   ``streamlme effect LEVEL --term T``)
 ``POST /v1/predict``                       ``{"group", "row", "level"}``: prediction, interval
 ``GET  /v1/model[?version=V]``             the current (or a stored) model version
 ``GET  /v1/model/versions``                stored versions, oldest first
@@ -18,7 +20,11 @@ Routes (all JSON; errors are `streamlme.api.schemas.Error` bodies, see `streamlm
 =========================================  ================================================
 
 A group id may hold any characters: percent-encode it in the path (``/`` as ``%2F``); the
-route takes the rest of the path up to ``/effect``. With a token (``[api] token`` or
+route takes the rest of the path up to ``/effect``, and so does a term's level. A term is named
+by its grouping factor as the formula writes it (``doctor`` also finds ``hospital:doctor`` when
+no term is on ``doctor`` alone); an unknown one is a 404 whose ``detail`` lists the model's
+terms. The group routes answer one-term models on one grouping column; for other models they
+are a 422 ``term_required``. With a token (``[api] token`` or
 ``STREAMLME_API_TOKEN``), every route but the two health checks needs the header
 ``Authorization: Bearer <token>``. The dashboard page ``GET /`` loads without it; its data
 calls send it.
@@ -63,6 +69,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": schemas.Error, "description": "No such model version."}}
+_NO_TERM: dict[int | str, dict[str, Any]] = {
+    404: {"model": schemas.Error, "description": "No random-effect term on that factor; "
+                                                 "``detail`` lists the model's terms."}}
 
 
 class _GroupConvertor(Convertor[str]):
@@ -131,6 +140,21 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
         start = time.perf_counter()
         eff = client.effect(group)
         QUERY_LATENCY.labels("effect").observe(time.perf_counter() - start)
+        return _json(eff.to_dict())
+
+    @guarded.get("/v1/terms/{term}/levels/{level:group}/effect",
+                 response_model=schemas.TermEffect, responses=_NO_TERM,
+                 summary="One level's current effect for a named term")
+    async def term_effect(
+        term: Annotated[str, Path(description="The grouping factor, as the formula writes it "
+                                              "(e.g. doctor or hospital:doctor).",
+                                  min_length=1)],
+        level: Annotated[str, Path(description="The level, percent-encoded; an interaction's "
+                                               "parts joined with ':'.", min_length=1)],
+    ) -> Response:
+        start = time.perf_counter()
+        eff = client.term_effect(term, level)
+        QUERY_LATENCY.labels("term_effect").observe(time.perf_counter() - start)
         return _json(eff.to_dict())
 
     @guarded.post("/v1/groups/effects", response_model=schemas.Effects,

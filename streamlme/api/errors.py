@@ -9,6 +9,8 @@ group id that cannot name a key          422     invalid_group
 row the model cannot use (predict)       422     invalid_row
 missing or wrong bearer token            401     unauthorized
 model version not stored                 404     not_found
+no random-effect term on the factor      404     unknown_term (``detail`` lists the terms)
+group route on a several-term model      422     term_required
 unknown route                            404     not_found
 no model yet                             503     model_not_ready
 Redis down, unreadable record            503     store_unavailable
@@ -28,7 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from streamlme.client import ModelNotReady, ModelVersionNotFoundError
+from streamlme.client import (
+    ModelNotReady,
+    ModelVersionNotFoundError,
+    TermRequired,
+    UnknownTermError,
+)
 from streamlme.model import ModelRecordError
 from streamlme.stats import StatsError
 from streamlme.store.errors import KeyNameError, StoreError
@@ -93,6 +100,18 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(ModelNotReady)
     def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
         return error_response(503, "model_not_ready", str(exc))
+
+    @app.exception_handler(UnknownTermError)
+    def _no_term(request: Request, exc: UnknownTermError) -> JSONResponse:
+        return error_response(404, "unknown_term", str(exc), [
+            {"loc": ["path", "term"], "msg": str(exc), "type": "unknown_term",
+             "terms": exc.terms}])
+
+    @app.exception_handler(TermRequired)
+    def _term_required(request: Request, exc: TermRequired) -> JSONResponse:
+        return error_response(422, "term_required", str(exc), [
+            {"loc": ["path", "group"], "msg": str(exc), "type": "term_required",
+             "terms": exc.terms}])
 
     @app.exception_handler(ModelVersionNotFoundError)
     def _no_version(request: Request, exc: ModelVersionNotFoundError) -> JSONResponse:

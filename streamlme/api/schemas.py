@@ -34,6 +34,20 @@ class Effect(BaseModel):
     known: bool = Field(description="False for a group never seen: zeros and the prior G.")
 
 
+class TermEffect(Effect):
+    """One level's effect for a named term (the `streamlme effect --term T --json` line):
+    the fields of a group's effect (``group`` holds the level) and what identifies the term."""
+
+    term: str = Field(description="The grouping factor as the formula writes it, e.g. "
+                                  "'hospital:doctor'; every term on it answers together.")
+    level: str = Field(description="The level; an interaction's parts joined with ':'.")
+    cells: int = Field(description="Cells (combinations of grouping levels) carrying the level.")
+    solution: str = Field(description='"exact": the BLUP from current statistics (one term, '
+                                      'nested terms); "gauss_seidel": crossed terms, updated from '
+                                      "the level's own statistics given the other factors' "
+                                      "effects of the last refresh.")
+
+
 class EffectsRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
