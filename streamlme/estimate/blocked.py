@@ -110,9 +110,8 @@ class CellDesign:
 class _Term:
     """A term as the fit sees it: its place in theta, in Z and in the dense block."""
 
-    def __init__(self, design: TermDesign, index: int, theta_at: int, n_levels: int) -> None:
+    def __init__(self, design: TermDesign, theta_at: int, n_levels: int) -> None:
         self.design = design
-        self.index = index            # position in the formula
         self.q = len(design.random)
         self.n = n_levels
         self.diagonal = design.covariance == "diagonal"
@@ -231,8 +230,8 @@ class BlockedPLS:
 
         # Terms in fit order: most levels first (a stable sort keeps the formula's order on ties)
         terms, at = [], 0
-        for i, t in enumerate(design.terms):
-            terms.append(_Term(t, i, at, len(t.levels)))
+        for t in design.terms:
+            terms.append(_Term(t, at, len(t.levels)))
             at += len(terms[-1].rows)
         self.n_theta = at
         self.terms = sorted(terms, key=lambda t: -t.n)
@@ -336,7 +335,7 @@ class BlockedPLS:
             if info != 0:
                 raise NumericalError("the dense block of L is not positive definite")
             logdet += 2.0 * float(np.sum(np.log(np.diagonal(L22))))
-            RZXy2, info = lapack.dtrtrs(L22, B, lower=1)
+            RZXy2, _ = lapack.dtrtrs(L22, B, lower=1)
             S -= RZXy2.T @ RZXy2
         S = 0.5 * (S + S.T)
         try:
@@ -437,7 +436,8 @@ def _minimise(
     COBYQA (Powell's successor to BOBYQA, lme4's optimiser) on the deviance divided by its value
     at the start, so that tolerances are relative; from a warm start its first steps are short.
     A derivative-free method stops near, not on, a bound that the optimum sits on, so each small
-    diagonal element is then tried at exactly 0 and kept there if the deviance is no worse.
+    diagonal element is then tried at exactly 0 and kept there if the deviance is no worse;
+    `_polish` then checks the answer by finite differences and refines it.
     """
     lower = np.full(pls.n_theta, -np.inf)
     for t in pls.terms:
@@ -479,7 +479,7 @@ def _minimise(
     return best[1], info
 
 
-def _polish(dev: Callable[[Array], float], theta: Array, lower: Array, f0: float) -> float:
+def _polish(dev: Callable[..., float], theta: Array, lower: Array, f0: float) -> float:
     """Check the optimum by finite differences, as lme4 does, and take the Newton step they give.
 
     A derivative-free method stops once its trust region is small, which pins the deviance down
