@@ -40,6 +40,14 @@ an evaluation is a stacked q_1 x q_1 pass over term 1's levels, one sparse produ
 Cholesky of order Q_2 and a triangular solve. Scalar terms (q = 1) and diagonal factors reduce
 the Lambda products to diagonal scalings.
 
+**Cost.** An evaluation costs Q_2^3 / 3 flops for the dense Cholesky plus one pass over the
+fill map, which has one entry per pair of dense-block levels that share a level of term 1
+(sum_l m_l (m_l + 1) / 2, m_l the entries of A_21's column block l) and takes 12 bytes each.
+At InstEval's shape ((1|s) 2972, (1|d) 1128, (1|dept) 14 levels; 73k cells; Q_2 = 1142; 1.8e6
+pairs) that is about 17 ms on one core, 10 of them the Cholesky. Memory is a few Q_2 x Q_2
+arrays (A_22, the evaluation's factor, the best one kept) plus the fill map: a users x items
+model with 20k items, or with users who each rated thousands of items, does not fit this layout.
+
 **Cells.** A cell is one combination of the levels of all the grouping factors. Within a cell
 every row has the same columns of Z up to the values of the random covariates, so every block of
 [Z X y]'[Z X y] is a sum over cells of the cell's cross-products, which follow exactly from its
