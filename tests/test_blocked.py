@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from lmm_data import simulate as simulate_one_term
 from scipy.optimize import minimize
 
-from streamlme.estimate import DataError, SingularFitWarning, fit
+from streamlme.estimate import ConvergenceWarning, DataError, SingularFitWarning, fit
 from streamlme.estimate.blocked import BlockedPLS, CellDesign, TermDesign, fit_cells
 from streamlme.stats import GroupStats, merge_moments
 
@@ -432,3 +432,11 @@ def test_refuses_what_cannot_identify_the_model() -> None:
         fit_cells(tiny, "REML")
     with pytest.raises(ValueError, match="EM"):
         fit_cells(good, "EM")
+
+
+def test_stopping_early_is_reported() -> None:
+    rows, terms = simulate(11), CASES["crossed"]
+    with pytest.warns(ConvergenceWarning):
+        res = fit_cells(design(rows, FIXED, terms), "REML", max_iter=3)
+    assert not res.converged and not res.optsummary.converged
+    assert any("did not converge" in w for w in res.warnings)
