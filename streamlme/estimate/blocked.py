@@ -474,7 +474,7 @@ def _minimise(
         theta0, method="COBYQA", bounds=Bounds(lower, np.full(pls.n_theta, np.inf)),
         options={"maxiter": max_iter, "maxfev": max_iter + 2 * pls.n_theta + 1,
                  "initial_tr_radius": 0.02 if warm else 0.25,
-                 "final_tr_radius": min(10.0 * np.sqrt(tol), 0.002 if warm else 0.025)},
+                 "final_tr_radius": min(100.0 * np.sqrt(tol), 0.002 if warm else 0.025)},
     )
     theta = best[1].theta
     for i in np.flatnonzero((lower == 0.0) & (theta > 0) & (theta < BOUNDARY_TRY)):
