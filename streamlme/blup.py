@@ -191,6 +191,7 @@ class Kernel:
         self.Lam = psd_factor(self.G_c / self.sigma2)
         self.T = _centring(self.random, self.zc)
         self.centred = bool(self.zc.any()) and INTERCEPT in self.random
+        self._Kk: tuple[Array, Array] | None = None
 
     @classmethod
     def for_spec(cls, spec: ModelSpec, beta: Array, G: Array, sigma2: float, *,
@@ -228,10 +229,9 @@ class Kernel:
         return M[:, :q, :q], M[:, :q, q]
 
     def _K(self) -> tuple[Array, Array]:
-        K = getattr(self, "_Kk", None)
-        if K is None or K[0].shape[1] != self.B.shape[1]:
-            K = self._Kk = (np.vstack([self.B, self.a]), np.append(self.e - self.zc, self.c))
-        return K
+        if self._Kk is None:
+            self._Kk = (np.vstack([self.B, self.a]), np.append(self.e - self.zc, self.c))
+        return self._Kk
 
     def centred_modes(self, n: Array, mean: Array, C: Array) -> tuple[Array, Array]:
         """(b_c, Var_c) per group in the centred basis z - z_centre."""
