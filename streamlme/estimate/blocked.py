@@ -62,7 +62,6 @@ change the model of a diagonal term, and keeping them raw makes theta lme4's the
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -74,10 +73,10 @@ from scipy.linalg import lapack
 from scipy.optimize import Bounds, minimize
 
 from streamlme.estimate.crossprod import DataError
-from streamlme.estimate.fit import SINGULAR_TOL, ConvergenceWarning, SingularFitWarning
+from streamlme.estimate.fit import fit_report
 from streamlme.estimate.linalg import chol, solve_lower
-from streamlme.estimate.pls import LOG_2PI, NumericalError
-from streamlme.estimate.result import FitResult, OptSummary, TermFit
+from streamlme.estimate.pls import NumericalError, ProfiledDeviance
+from streamlme.estimate.result import FitResult, TermFit
 
 Array = NDArray[np.float64]
 IntArray = NDArray[np.intp]
@@ -143,7 +142,7 @@ class _Term:
 
 
 @dataclass
-class BlockedState:
+class BlockedState(ProfiledDeviance):
     """One evaluation of the profiled deviance: what results and conditional modes need."""
 
     theta: Array
@@ -155,37 +154,6 @@ class BlockedState:
     logdet_L: float
     reml: bool
     N: float
-
-    @property
-    def p(self) -> int:
-        return self.R.shape[0] - 1
-
-    @property
-    def R_X(self) -> Array:
-        return self.R[:-1, :-1]
-
-    @property
-    def r2(self) -> float:
-        return float(self.R[-1, -1] ** 2)
-
-    @property
-    def dof(self) -> float:
-        return self.N - self.p if self.reml else self.N
-
-    @property
-    def beta(self) -> Array:
-        return np.linalg.solve(self.R_X, self.R[:-1, -1])
-
-    @property
-    def sigma2(self) -> float:
-        return self.r2 / self.dof
-
-    @property
-    def deviance(self) -> float:
-        d = self.logdet_L + self.dof * (1.0 + LOG_2PI + np.log(self.r2 / self.dof))
-        if self.reml:
-            d += 2.0 * float(np.sum(np.log(np.abs(np.diag(self.R_X)))))
-        return float(d)
 
 
 class BlockedPLS:
@@ -573,20 +541,7 @@ def _result(
             ranef_var=None if cvars is None else cvars[k],
         ))
     diag_theta = np.concatenate([theta[t.theta][t.rows == t.cols] for t in pls.terms])
-    singular = bool(np.any(diag_theta < SINGULAR_TOL))
-    notes: list[str] = []
-    if singular:
-        notes.append("boundary (singular) fit: a variance component is at or near zero")
-        warnings.warn(notes[-1], SingularFitWarning, stacklevel=3)
-    if not info["converged"]:
-        notes.append(f"optimiser did not converge: {info['message']}")
-        warnings.warn(notes[-1], ConvergenceWarning, stacklevel=3)
-    opt = OptSummary(
-        optimizer="COBYQA (derivative-free, bounded)", theta_start=[], theta=theta.tolist(),
-        n_evals=info["n_evals"], iterations=info["iterations"], converged=info["converged"],
-        message=info["message"], gradient_norm=info["gradient_norm"], seconds=0.0,
-        warm_start=False,
-    )
+    singular, notes, opt = fit_report("COBYQA (derivative-free, bounded)", theta, diag_theta, info)
     head = fits[0]
     return FitResult(
         method=method, converged=info["converged"], n_obs=pls.N, n_groups=head.n_levels,

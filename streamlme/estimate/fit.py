@@ -240,6 +240,28 @@ def _start_theta(par: Parametrisation, start: FitResult | Mapping[str, Any] | No
     return theta0
 
 
+def fit_report(
+    optimizer: str, theta: Array, diag_theta: Array, info: dict[str, Any]
+) -> tuple[bool, list[str], OptSummary]:
+    """Whether the fit is singular, the warnings it gives (also raised as warnings), and the
+    optimiser's summary, the same for every engine."""
+    singular = bool(np.any(diag_theta < SINGULAR_TOL))
+    notes: list[str] = []
+    if singular:
+        notes.append("boundary (singular) fit: a variance component is at or near zero")
+        warnings.warn(notes[-1], SingularFitWarning, stacklevel=4)
+    if not info["converged"]:
+        notes.append(f"optimiser did not converge: {info['message']}")
+        warnings.warn(notes[-1], ConvergenceWarning, stacklevel=4)
+    opt = OptSummary(
+        optimizer=optimizer, theta_start=[], theta=theta.tolist(),
+        n_evals=info["n_evals"], iterations=info["iterations"], converged=info["converged"],
+        message=info["message"], gradient_norm=info["gradient_norm"], seconds=0.0,
+        warm_start=False,
+    )
+    return singular, notes, opt
+
+
 def _result(
     cp: CrossProducts, par: Parametrisation, st: PLSState, spec: ModelSpec, method: str,
     theta: Array, info: dict[str, Any], ranef: bool,
@@ -249,21 +271,8 @@ def _result(
     G = sigma2 * Lam_user @ Lam_user.T
     Rinv = np.linalg.inv(st.R_X)
     beta_cov = cp.T_X @ (sigma2 * Rinv @ Rinv.T) @ cp.T_X.T
-    diag_theta = theta[par.rows == par.cols]
-    singular = bool(np.any(diag_theta < SINGULAR_TOL))
-    notes: list[str] = []
-    if singular:
-        notes.append("boundary (singular) fit: a variance component is at or near zero")
-        warnings.warn(notes[-1], SingularFitWarning, stacklevel=3)
-    if not info["converged"]:
-        notes.append(f"optimiser did not converge: {info['message']}")
-        warnings.warn(notes[-1], ConvergenceWarning, stacklevel=3)
-    opt = OptSummary(
-        optimizer="L-BFGS-B (analytic gradient)", theta_start=[], theta=theta.tolist(),
-        n_evals=info["n_evals"], iterations=info["iterations"], converged=info["converged"],
-        message=info["message"], gradient_norm=info["gradient_norm"], seconds=0.0,
-        warm_start=False,
-    )
+    singular, notes, opt = fit_report("L-BFGS-B (analytic gradient)", theta,
+                                      theta[par.rows == par.cols], info)
     res = FitResult(
         method=method, converged=info["converged"], n_obs=cp.N, n_groups=cp.n_groups,
         fixed=spec.fixed_names, random=spec.random_names, beta=cp.beta_to_user(st.beta),

@@ -42,15 +42,12 @@ class NumericalError(ArithmeticError):
     """The deviance could not be evaluated (a factor lost positive definiteness)."""
 
 
-@dataclass
-class PLSState:
-    """Everything one evaluation of the profiled deviance produces at a given Lambda."""
+class ProfiledDeviance:
+    """What the factor R of the [X y] Schur complement gives, whatever factored Z: R_X, c_b, r,
+    beta, sigma^2 and the profiled (RE)ML deviance. Needs ``R``, ``logdet_L``, ``reml``, ``N``."""
 
-    Lam: Array
-    L: Array | None     # (G, q, q) lower factors of P_j (None: not kept, see `evaluate`)
-    RZXy: Array | None  # (G, q, p + 1): R_ZX,j and c_u,j side by side (idem)
-    R: Array          # (p + 1, p + 1) upper factor of the Schur complement
-    logdet_L: float   # sum_j log|L_j|^2
+    R: Array
+    logdet_L: float
     reml: bool
     N: float
 
@@ -88,6 +85,19 @@ class PLSState:
         if self.reml:
             d += 2.0 * float(np.sum(np.log(np.abs(np.diag(self.R_X)))))
         return float(d)
+
+
+@dataclass
+class PLSState(ProfiledDeviance):
+    """Everything one evaluation of the profiled deviance produces at a given Lambda."""
+
+    Lam: Array
+    L: Array | None     # (G, q, q) lower factors of P_j (None: not kept, see `evaluate`)
+    RZXy: Array | None  # (G, q, p + 1): R_ZX,j and c_u,j side by side (idem)
+    R: Array          # (p + 1, p + 1) upper factor of the Schur complement
+    logdet_L: float   # sum_j log|L_j|^2
+    reml: bool
+    N: float
 
     def factors(self) -> tuple[Array, Array]:
         """(L, RZXy), which per-group results need."""
