@@ -192,18 +192,7 @@ class EventDecoder:
         W = np.fromiter(chain.from_iterable(map(self._columns, events)), dtype=np.float64,
                         count=n * d).reshape(n, d)
         groups = list(map(str, map(self._get_group, events)))  # str(s) is s: ids stay as sent
-        weights = np.fromiter(map(self._get_weight, events), dtype=np.float64, count=n)
-        raw_ts = list(map(self._get_ts, events))
-        ops = list(map(self._get_op, events))
-        if raw_ts.count(None) == n:
-            ts = np.full(n, np.nan)
-        else:
-            ts = np.array([_seconds(t) for t in raw_ts], dtype=np.float64)
-        retract = (
-            np.zeros(n, dtype=bool)
-            if ops.count("add") == n
-            else np.array([op == "retract" for op in ops], dtype=bool)
-        )
+        weights, ts, retract = self._meta(events)
         bad: dict[int, str] = {}
         # Screen at C speed first: short non-empty ASCII ids (the usual case) are all fine.
         lengths = list(map(len, groups))

@@ -40,7 +40,9 @@ def test_nested_with_one_inner_level_per_outer_level_is_the_one_factor_fit(
     G_sum = sum(float(t.G[0, 0]) for t in nested.fit.terms)
     scale = float(one.fit.G[0, 0]) + one.fit.sigma2
     assert abs(G_sum - float(one.fit.G[0, 0])) < 1e-4 * scale
-    np.testing.assert_allclose(nested.fit.beta, one.fit.beta, rtol=1e-5, atol=1e-6)
+    # along the ridge only the sum of the variances is determined, and the derivative-free
+    # search stops on it to ~1e-5: judge beta on the scale of its standard error
+    assert (np.abs(nested.fit.beta - one.fit.beta) < 1e-3 * one.fit.beta_se).all()
 
 
 def _frame(seed: int = 3) -> pd.DataFrame:

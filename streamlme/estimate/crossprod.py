@@ -115,13 +115,18 @@ def _shift_matrix(terms: tuple[str, ...], columns: tuple[str, ...], r: Array) ->
     return T
 
 
-def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
-    """Check the statistics can identify the model and form its centred cross-products."""
+def check_width(stats: GroupStats, spec: ModelSpec) -> None:
+    """Statistics of another model's columns are refused before anything reads them."""
     if stats.d != len(spec.columns):
         raise DataError(
             f"statistics have {stats.d} columns but the model needs {len(spec.columns)} "
             f"({', '.join(spec.columns)})"
         )
+
+
+def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
+    """Check the statistics can identify the model and form its centred cross-products."""
+    check_width(stats, spec)
     stats.check_finite()
     live = stats.n > 0
     if not live.all():

@@ -16,7 +16,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
-from streamlme.estimate.crossprod import CrossProducts, DataError, cross_products
+from streamlme.estimate.crossprod import CrossProducts, check_width, cross_products
 from streamlme.estimate.pls import NumericalError, PLSState, evaluate, gradient
 from streamlme.estimate.result import FitResult, OptSummary, TermFit
 from streamlme.estimate.theta import Parametrisation
@@ -102,11 +102,7 @@ def cell_design(stats: GroupStats, spec: ModelSpec) -> CellDesign:
     """The per-cell statistics of a several-term model, with each term's level of every cell."""
     from streamlme.estimate.blocked import CellDesign, TermDesign
 
-    if stats.d != len(spec.columns):
-        raise DataError(
-            f"statistics have {stats.d} columns but the model needs {len(spec.columns)} "
-            f"({', '.join(spec.columns)})"
-        )
+    check_width(stats, spec)
     live = stats.n > 0
     if not live.all():
         stats = stats.select([k for k, ok in zip(stats.keys, live) if ok])
