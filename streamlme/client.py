@@ -67,6 +67,20 @@ class ModelNotReady(LookupError):  # noqa: N818 - the name users catch
         )
 
 
+def _effect_line(group: str, n: float, effect: dict[str, float], cov: list[list[float]],
+                 shrinkage: float, model_version: int, known: bool) -> dict[str, Any]:
+    """The fields every effect line has, a group's or a term's level's."""
+    return {
+        "group": group,
+        "n": int(n) if n.is_integer() else n,
+        "effect": dict(effect),
+        "cov": [list(row) for row in cov],
+        "shrinkage": shrinkage,
+        "model_version": model_version,
+        "known": known,
+    }
+
+
 @dataclass(frozen=True)
 class GroupEffect:
     """One group's random effects under one model version.
@@ -87,16 +101,8 @@ class GroupEffect:
 
     def to_dict(self) -> dict[str, Any]:
         """The `streamlme effect --json` line (a public contract: add fields, never rename)."""
-        n = self.n
-        return {
-            "group": self.group,
-            "n": int(n) if n.is_integer() else n,
-            "effect": dict(self.effect),
-            "cov": [list(row) for row in self.cov],
-            "shrinkage": self.shrinkage,
-            "model_version": self.model_version,
-            "known": self.known,
-        }
+        return _effect_line(self.group, self.n, self.effect, self.cov, self.shrinkage,
+                            self.model_version, self.known)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), allow_nan=False, ensure_ascii=False)
@@ -176,17 +182,11 @@ class TermEffect:
     def to_dict(self) -> dict[str, Any]:
         """The `streamlme effect --term T --json` line: the fields of a group's line (``group``
         holds the level) plus term, level, cells and solution."""
-        n = self.n
         return {
             "term": self.term,
             "level": self.level,
-            "group": self.level,
-            "n": int(n) if n.is_integer() else n,
-            "effect": dict(self.effect),
-            "cov": [list(row) for row in self.cov],
-            "shrinkage": self.shrinkage,
-            "model_version": self.model_version,
-            "known": self.known,
+            **_effect_line(self.level, self.n, self.effect, self.cov, self.shrinkage,
+                           self.model_version, self.known),
             "cells": self.cells,
             "solution": self.solution,
         }

@@ -213,17 +213,7 @@ class EventDecoder:
             bad.setdefault(j, f"bad_weight: must be a finite number > 0, got {float(weights[j])!r}")
         for j in np.flatnonzero(np.isinf(ts)).tolist():
             bad.setdefault(j, "bad_ts: not finite")
-        positions = np.asarray(index, dtype=np.int64)
-        if bad:
-            keep = np.ones(n, dtype=bool)
-            keep[list(bad)] = False
-            rejections.extend(Rejection(int(positions[j]), r) for j, r in bad.items())
-            rejections.sort()
-            groups = [g for g, k in zip(groups, keep.tolist(), strict=True) if k]
-            W, weights, ts, retract, positions = (
-                a[keep] for a in (W, weights, ts, retract, positions)
-            )
-        return DecodedBatch(groups, W, weights, ts, retract, positions, rejections)
+        return self._batch(groups, W, weights, ts, retract, index, rejections, bad)
 
     # -- several grouping columns, categorical covariates -----------------------------------
 

@@ -64,9 +64,8 @@ class TermFit:
             "theta": np.asarray(self.theta).tolist(),
             "n_levels": self.n_levels,
         }
-        if ranef and self.ranef is not None and self.ranef_var is not None:
-            out["ranef"] = {k: v.tolist() for k, v in zip(self.levels, self.ranef)}
-            out["ranef_var"] = {k: v.tolist() for k, v in zip(self.levels, self.ranef_var)}
+        if ranef:
+            out.update(_per_level(self.levels, self.ranef, self.ranef_var))
         return out
 
 
@@ -166,9 +165,8 @@ class FitResult:
             "warnings": list(self.warnings),
             "optsummary": self.optsummary.to_dict(),
         }
-        if ranef and self.ranef is not None and self.ranef_var is not None:
-            out["ranef"] = {k: v.tolist() for k, v in zip(self.group_keys, self.ranef)}
-            out["ranef_var"] = {k: v.tolist() for k, v in zip(self.group_keys, self.ranef_var)}
+        if ranef:
+            out.update(_per_level(self.group_keys, self.ranef, self.ranef_var))
         if self.terms:
             out["terms"] = [t.to_dict(ranef=ranef) for t in self.terms]
         return out
@@ -222,6 +220,15 @@ class FitResult:
         )
         lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def _per_level(levels: list[str], ranef: Array | None,
+               ranef_var: Array | None) -> dict[str, Any]:
+    """``ranef`` and ``ranef_var`` keyed by level, when the fit computed them."""
+    if ranef is None or ranef_var is None:
+        return {}
+    return {"ranef": {k: v.tolist() for k, v in zip(levels, ranef)},
+            "ranef_var": {k: v.tolist() for k, v in zip(levels, ranef_var)}}
 
 
 def _method_words(method: str) -> str:
