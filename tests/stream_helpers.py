@@ -17,6 +17,7 @@ from pathlib import Path
 
 import msgspec
 import numpy as np
+from kafka import KafkaConsumer, TopicPartition
 
 from streamlme.spec import ModelSpec
 from streamlme.stats import GroupStats
@@ -172,3 +173,24 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list:
+    """The first ``count`` messages of every partition of ``topic`` (no consumer group)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             auto_offset_reset="earliest")
+    try:
+        deadline = time.monotonic() + timeout
+        parts = None
+        while not parts and time.monotonic() < deadline:
+            parts = consumer.partitions_for_topic(topic)
+            time.sleep(0.1) if not parts else None
+        assert parts, f"topic {topic} does not exist"
+        consumer.assign([TopicPartition(topic, p) for p in parts])
+        out: list = []
+        while len(out) < count and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out.extend(records)
+        return out
+    finally:
+        consumer.close()

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 import uuid
 import warnings
 
@@ -15,13 +14,13 @@ import msgspec
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 from stream_helpers import (
     Events,
     assert_stats_equal,
     make_events,
     read_all,
+    read_topic,
     start_consumer,
     wait_for,
     write_config,
@@ -41,27 +40,6 @@ def kafka_config(tmp_path, ev: Events, bootstrap: str, topic: str, redis_url: st
     path = write_config(tmp_path / f"{uuid.uuid4().hex[:6]}.toml", ev.spec, kafka=settings_,
                         redis={"url": redis_url, "namespace": namespace})
     return path, load_config(path)
-
-
-def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list:
-    """The first ``count`` messages of every partition of ``topic`` (no consumer group)."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
-    try:
-        deadline = time.monotonic() + timeout
-        parts = None
-        while not parts and time.monotonic() < deadline:
-            parts = consumer.partitions_for_topic(topic)
-            time.sleep(0.1) if not parts else None
-        assert parts, f"topic {topic} does not exist"
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        out: list = []
-        while len(out) < count and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                out.extend(records)
-        return out
-    finally:
-        consumer.close()
 
 
 def test_streaming_equals_batch(tmp_path, kafka_bootstrap, kafka_topic, redis_url,

@@ -23,8 +23,7 @@ import msgspec
 import numpy as np
 import pandas as pd
 import pytest
-from kafka import KafkaConsumer, TopicPartition
-from stream_helpers import assert_stats_equal, read_all, write_config
+from stream_helpers import assert_stats_equal, read_all, read_topic, write_config
 
 from streamlme.config import Config, load_config
 from streamlme.data import frame_stats
@@ -99,28 +98,6 @@ def stream_config(tmp_path: Path, spec: ModelSpec, bootstrap: str, topic: str, r
     config = load_config(path, env={})
     assert config.spec == spec
     return path, config
-
-
-def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list:
-    """The first ``count`` records of every partition of ``topic`` (no consumer group)."""
-    import time
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             auto_offset_reset="earliest")
-    try:
-        deadline = time.monotonic() + timeout
-        parts = None
-        while not parts and time.monotonic() < deadline:
-            parts = consumer.partitions_for_topic(topic)
-        assert parts, f"topic {topic} does not exist"
-        consumer.assign([TopicPartition(topic, p) for p in parts])
-        out: list = []
-        while len(out) < count and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                out.extend(records)
-        return out
-    finally:
-        consumer.close()
 
 
 def batch_fit(frame: pd.DataFrame, spec: ModelSpec) -> FitResult:
