@@ -60,19 +60,21 @@ for _var in THREAD_VARS:
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
 import resource  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 import warnings  # noqa: E402
-from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+# the sibling script; `python scripts/bench_terms.py` puts scripts/ on the path
+from bench_refresh import machine as refresh_machine  # noqa: E402
+from bench_refresh import median_time  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 CROSSED = "y ~ 1 + service + (1 | s) + (1 | d)"
@@ -185,39 +187,19 @@ def nested_design(seed: int, outer: int, events: int) -> tuple[Design, np.ndarra
 # --------------------------------------------------------------------------------------------
 
 
-def median_time(f: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = f()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
-
-
 def machine() -> dict[str, Any]:
+    """bench_refresh's description of the machine, with the library versions and revision."""
     import numpy
     import scipy
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     rev = None
     with contextlib.suppress(OSError, subprocess.CalledProcessError):
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, cwd=Path(__file__).resolve().parent, check=True
                              ).stdout.strip()
     return {"machine": {
-        "platform": platform.platform(), "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-        else os.cpu_count(),
-        "python": platform.python_version(), "numpy": numpy.__version__,
-        "scipy": scipy.__version__, "streamlme_rev": rev, "threads_pinned": 1,
-        "thread_env": {v: os.environ[v] for v in THREAD_VARS},
+        **refresh_machine(), "numpy": numpy.__version__, "scipy": scipy.__version__,
+        "streamlme_rev": rev, "thread_env": {v: os.environ[v] for v in THREAD_VARS},
     }}
 
 
