@@ -78,12 +78,13 @@ def frame_cells(frame: pd.DataFrame, spec: ModelSpec) -> tuple[np.ndarray, list[
     parts, uniques = [], []
     for c in spec.grouping_columns:
         raw = frame[c]
-        blank = raw.isna().to_numpy() | (raw.astype(str).str.strip() == "").to_numpy()
+        text = raw.astype(str)
+        blank = raw.isna().to_numpy() | (text.str.strip() == "").to_numpy()
         if blank.any():
             i = int(np.flatnonzero(blank)[0])
             raise DataFileError(f"column {c!r}: row {i + 1} has no level (blank); every row "
                                 "needs a level of every grouping column")
-        code, levels = pd.factorize(raw.astype(str), sort=True)
+        code, levels = pd.factorize(text, sort=True)
         parts.append(code.astype(np.int64))
         uniques.append([str(v) for v in levels])
     # one integer per row (mixed radix over the grouping columns), then the distinct cells
