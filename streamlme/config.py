@@ -24,9 +24,13 @@
     [redis]                      # optional: without it, the in-process MemoryStore
     url = "rediss://:secret@redis.example:6380/0"
     namespace = "hospital_los"
+    shards = 256                 # of a new namespace: its state spreads over this many slots
+    # url = "redis+cluster://node1:6379,node2:6379"   # a Redis Cluster (or cluster = true
+    #                                                # with nodes = ["node1:6379", ...])
 
     [refresh]
     every = "60s"
+    engine = "local"             # or "dask", with dask_scheduler = "tcp://scheduler:8786"
 
 The response/fixed/random/group/covariance keys are the one-term shorthand. Any lme4 formula
 can be given instead (not both), with the levels of its categorical covariates declared, as a
@@ -281,9 +285,18 @@ class KafkaConfig(_Section):
 _NAMESPACE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 
+#: URL schemes of a Redis Cluster: ``redis+cluster://host:port,host:port`` (``rediss+`` for TLS).
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+
 class RedisConfig(_Section):
     url: str = "redis://127.0.0.1:6379/0"
     namespace: str = "streamlme"
+    # A Redis Cluster: set by a redis+cluster:// URL or by cluster = true with startup nodes.
+    cluster: bool = False
+    nodes: list[str] = msgspec.field(default_factory=list)
+    # Shards of a new namespace (fixed when it is created; an existing one keeps its own).
+    shards: Annotated[int, msgspec.Meta(ge=1, le=16384)] = 256
 
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):
@@ -291,10 +304,33 @@ class RedisConfig(_Section):
                 f"namespace: {self.namespace!r}: use 1-100 letters, digits, '_', '-' or '.'"
             )
         scheme = urlsplit(self.url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
+        if scheme in CLUSTER_SCHEMES:
+            self.cluster = True
+        elif scheme not in ("redis", "rediss", "unix"):
             raise ValueError(
-                f"url: {_redact(self.url)!r}: expected redis://, rediss:// (TLS) or unix://"
+                f"url: {_redact(self.url)!r}: expected redis://, rediss:// (TLS), unix:// or "
+                "redis+cluster://host:port,host:port (a Redis Cluster)"
             )
+        for node in self.nodes:
+            host, _, port = node.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"nodes: {node!r}: expected host:port")
+        if self.cluster and scheme == "unix":
+            raise ValueError("cluster: a Redis Cluster is reached over TCP, not a unix:// socket")
+
+    @property
+    def startup_nodes(self) -> list[tuple[str, int]]:
+        """(host, port) of the Cluster's startup nodes: ``nodes``, else those of the URL."""
+        if self.nodes:
+            names = self.nodes
+        else:
+            netloc = urlsplit(self.url).netloc.rpartition("@")[2]
+            names = [n for n in netloc.split(",") if n]
+        out = []
+        for name in names:
+            host, _, port = name.rpartition(":")
+            out.append((host or name, int(port) if port.isdigit() else 6379))
+        return out
 
     @property
     def safe_url(self) -> str:
@@ -309,6 +345,12 @@ class RefreshConfig(_Section):
     skip_unchanged: bool = True  # no new version when no event arrived since the current one
     tolerance: Annotated[float, msgspec.Meta(gt=0)] | None = None  # None: the estimator's own
     max_iter: Positive | None = None
+    engine: Literal["local", "dask"] = "local"  # where the deviance's per-shard sums run
+    dask_scheduler: str | None = None  # "tcp://host:8786"; engine "dask" needs it
+
+    def __post_init__(self) -> None:
+        if self.engine == "dask" and not self.dask_scheduler:
+            raise ValueError('engine: "dask" needs dask_scheduler = "tcp://host:8786"')
 
 
 class ApiConfig(_Section):
@@ -358,11 +400,17 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         else:
             lines.append("kafka: none (embedded: JSON lines from a file or stdin)")
         if self.redis:
-            lines.append(f"redis: {self.redis.safe_url} namespace {self.redis.namespace!r}")
+            r = self.redis
+            where = (f"Redis Cluster via {', '.join(f'{h}:{p}' for h, p in r.startup_nodes)}"
+                     if r.cluster else r.safe_url)
+            lines.append(f"redis: {where} namespace {r.namespace!r} ({r.shards} shards if new)")
         else:
             snap = f", snapshot {self.store.snapshot}" if self.store.snapshot else ""
             lines.append(f"redis: none (in-process MemoryStore{snap})")
-        lines.append(f"refresh: every {self.refresh.every:g}s, history {self.refresh.history}")
+        engine = (f", on Dask at {self.refresh.dask_scheduler}"
+                  if self.refresh.engine == "dask" else "")
+        lines.append(f"refresh: every {self.refresh.every:g}s, history {self.refresh.history}"
+                     f"{engine}")
         lines.append(
             f"api: {self.api.host}:{self.api.port}{' (bearer token)' if self.api.token else ''}"
         )
