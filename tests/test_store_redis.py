@@ -24,42 +24,80 @@ def store(redis_url: str, namespace: str) -> RedisStore:
 
 
 def namespace_keys(store: RedisStore) -> list[bytes]:
-    return sorted(store.client.scan_iter(match=store.keys.pattern, count=1000))
+    pattern = "{" + store.namespace + "*"
+    return sorted(store.client.scan_iter(match=pattern, count=1000))
+
+
+def command_calls(client: redis.Redis, command: str) -> int:
+    """How often the server ran ``command`` (INFO commandstats), pipelined or not."""
+    return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
 
 
 # -- key layout -------------------------------------------------------------------------------
 
 
-def test_every_key_of_a_namespace_is_in_one_cluster_slot(redis_url, namespace):
-    store = RedisStore(redis_url, namespace, columns=["x", "y"])
+def test_every_key_is_under_the_namespace_tag_or_one_shard_tag(redis_url, namespace):
+    store = RedisStore(redis_url, namespace, columns=["x", "y"], shards=8)
     store.merge(GroupStats.from_rows(WEIRD_IDS, np.ones((len(WEIRD_IDS), 2))),
                 offsets={("events", 0): OffsetRange(0, 1)})
     store.put_model(b"m", fence=store.acquire_lease("writer", 60.0))
     keys = namespace_keys(store)
-    # groups, registry, offsets, meta, 4 model keys, lease and its token counter
-    assert len(keys) == len(WEIRD_IDS) + 9
-    assert {key_slot(k) for k in keys} == {key_slot(namespace.encode())}
-    prefix = store.keys.group_prefix.encode()
-    groups = sorted(decode_group(k[len(prefix):]) for k in keys if k.startswith(prefix))
-    assert groups == sorted(WEIRD_IDS)
+    own = [k for k in keys if k.startswith(f"{{{namespace}}}".encode())]
+    # meta, 4 model keys, the lease and its token counter
+    assert len(own) == 7 and {key_slot(k) for k in own} == {key_slot(namespace.encode())}
+    for shard in range(8):
+        tag = f"{namespace}:s{shard}".encode()
+        mine = [k for k in keys if k.startswith(b"{" + tag + b"}")]
+        assert mine and {key_slot(k) for k in mine} == {key_slot(tag)}
+    assert len(keys) == len(own) + sum(
+        len([k for k in keys if k.startswith(f"{{{namespace}:s{s}}}".encode())]) for s in range(8))
+    got = sorted(g for s in range(8) for g in store.read_shard(s).keys)
+    assert got == sorted(WEIRD_IDS)
+    assert all(store.shard_of(g) == s for s in range(8) for g in store.read_shard(s).keys)
 
 
-def test_layout_is_as_documented(store):
+def test_layout_is_as_documented(redis_url, namespace):
+    store = RedisStore(redis_url, namespace, shards=4)
     store.merge(GroupStats.from_rows(["A17"], [[1.0, 2.0]]),
                 offsets={("events", 3): OffsetRange(0, 1)})
     ns, c = store.namespace, store.client
-    assert c.type(f"{{{ns}}}:g:A17") == b"string"
-    assert c.zrange(f"{{{ns}}}:groups", 0, -1) == [b"A17"]
-    assert c.hgetall(f"{{{ns}}}:offsets") == {b"events:3": b"1"}
     meta = c.hgetall(f"{{{ns}}}:meta")
-    assert meta[b"d"] == b"2" and meta[b"format"] == b"1"
-    n, m, _, _ = GroupStats.from_bytes_one(c.get(f"{{{ns}}}:g:A17"))
+    assert meta[b"layout"] == b"2" and meta[b"shards"] == b"4" and b"created_at" in meta
+    s = store.shard_of("A17")
+    n, m, _, _ = GroupStats.from_bytes_one(c.hget(f"{{{ns}:s{s}}}:stats", "A17"))
     assert n == 1.0 and m.tolist() == [1.0, 2.0]
+    for shard in range(4):  # the batch's offsets are recorded by every shard
+        assert c.hgetall(f"{{{ns}:s{shard}}}:offsets") == {b"events:3": b"1"}
+    shard_meta = c.hgetall(f"{{{ns}:s{s}}}:meta")
+    assert shard_meta[b"d"] == b"2" and shard_meta[b"format"] == b"1"
+    assert shard_meta[b"version"] == b"1"
     store.merge(GroupStats.from_rows(['["A","x:y"]'], [[1.0, 2.0]]))
     cell = "%5B%22A%22%2C%22x%3Ay%22%5D"
-    assert c.zrange(f"{{{ns}}}:levels", 0, -1) == [f"0:A:{cell}".encode(),
-                                                   f"1:x%3Ay:{cell}".encode()]
-    assert c.zscore(f"{{{ns}}}:groups", cell) == 0
+    s = store.shard_of('["A","x:y"]')
+    assert s == store.shard_of("A")  # a cell lives with its first grouping level
+    assert c.zrange(f"{{{ns}:s{s}}}:levels", 0, -1) == [f"0:A:{cell}".encode(),
+                                                        f"1:x%3Ay:{cell}".encode()]
+    assert c.hexists(f"{{{ns}:s{s}}}:stats", cell)
+
+
+def test_the_shard_count_is_fixed_when_the_namespace_is_created(redis_url, namespace):
+    first = RedisStore(redis_url, namespace, shards=8)
+    assert first.n_shards == 8
+    first.merge(GroupStats.from_rows(["a"], [[1.0, 2.0]]))
+    later = RedisStore(redis_url, namespace, shards=64)
+    assert later.n_shards == 8 and later.get("a").n.tolist() == [1.0]
+
+
+def test_a_namespace_in_the_one_slot_layout_is_refused_not_misread(redis_url, namespace):
+    c = redis.Redis.from_url(redis_url)
+    c.hset(f"{{{namespace}}}:meta", mapping={"d": 2, "format": 1, "layout": 1})
+    c.zadd(f"{{{namespace}}}:groups", {"a": 0})
+    store = RedisStore(c, namespace)
+    with pytest.raises(StoreError, match="store migrate"):
+        store.get("a")
+    with pytest.raises(StoreError, match="one-slot layout"):
+        store.merge(GroupStats.from_rows(["b"], [[1.0, 2.0]]))
+    assert c.zrange(f"{{{namespace}}}:groups", 0, -1) == [b"a"]
 
 
 @pytest.mark.parametrize("bad", ["", "a{b", "a}b", "{x}", "a b", "a\nb"])
@@ -102,21 +140,24 @@ def test_script_matches_python_merge_to_the_bit(store):
     np.testing.assert_array_equal(got.C[:, iu[0], iu[1]], python.C[:, iu[0], iu[1]])
 
 
-def test_a_merge_is_one_script_call(redis_url, namespace):
+def test_a_merge_is_one_script_call_per_shard_in_one_round_trip(redis_url, namespace):
     client = CountingRedis.from_url(redis_url)
-    store = RedisStore(client, namespace)
+    store = RedisStore(client, namespace, shards=8)
     labels, W = random_rows(11, 2000, 3, [f"g{i}" for i in range(300)])
     store.merge(GroupStats.from_rows(labels[:10], W[:10]))
+    before = command_calls(client, "evalsha")
     client.commands.clear()
     store.merge(GroupStats.from_rows(labels, W), retracts=GroupStats.from_rows(labels[:5], W[:5]),
                 offsets={("events", 0): OffsetRange(0, 2000)})
-    assert client.commands == ["EVALSHA"]
+    assert client.commands == []  # no single command: one pipeline
+    assert command_calls(client, "evalsha") - before == 8
 
 
-def test_a_corrupt_value_fails_the_batch_before_any_write(store):
+def test_a_corrupt_value_fails_that_shards_part_before_any_write(redis_url, namespace):
+    store = RedisStore(redis_url, namespace, shards=1)
     store.merge(GroupStats.from_rows(["a", "b"], [[1.0, 2.0], [3.0, 4.0]]),
                 offsets={("events", 0): OffsetRange(0, 2)})
-    store.client.set(store.keys.group("b"), b"not statistics")
+    store.client.hset(store.keys.shard(0).stats, "b", b"not statistics")
     with pytest.raises(StoreError, match="not a record"):
         store.merge(GroupStats.from_rows(["a", "b", "c"], np.ones((3, 2))),
                     offsets={("events", 0): OffsetRange(2, 5)})
@@ -133,7 +174,7 @@ def test_width_and_columns_are_checked_against_the_namespace(redis_url, namespac
     with pytest.raises(StoreError, match="columns"):
         RedisStore(redis_url, namespace, columns=["x", "z"])
     unchecked = RedisStore(redis_url, namespace)  # no width given: another width is refused
-    with pytest.raises(StoreError, match="holds statistics of 2 columns"):
+    with pytest.raises(StoreError, match="batch has 3 columns|holds statistics of 2 columns"):
         unchecked.merge(GroupStats.from_rows(["b"], [[1.0, 2.0, 3.0]]))
     assert unchecked.d == 2 and unchecked.n_groups() == 1
 
@@ -197,31 +238,27 @@ def test_a_lost_connection_raises_and_leaves_state_whole(redis_server_factory):
 # -- reads ------------------------------------------------------------------------------------
 
 
-def test_a_levels_cells_are_one_round_trip_and_the_index_is_in_the_namespace_slot(
-        redis_url, namespace):
-    client = CountingRedis.from_url(redis_url)
-    store = RedisStore(client, namespace)
+def test_a_levels_cells_are_read_from_its_shard_and_clear_leaves_nothing(redis_url, namespace):
+    store = RedisStore(redis_url, namespace, shards=16)
     keys = [f'["{a}","{b}"]' for a in ("p", "q") for b in range(50)]
     store.merge(GroupStats.from_rows(keys, np.ones((len(keys), 2))))
-    assert key_slot(store.keys.levels.encode()) == key_slot(namespace.encode())
-    client.commands.clear()
-    assert len(store.cells_of(0, "q")) == 50 and client.commands == ["ZRANGEBYLEX"]
+    q = store.keys.shard(store.shard_of("q")).levels
+    assert store.client.zcard(q) >= 100  # the 50 cells of q, indexed by both their levels
+    assert sorted(store.cells_of(0, "q")) == sorted(k for k in keys if k.startswith('["q"'))
+    assert sorted(store.cells_of(1, "7")) == ['["p","7"]', '["q","7"]']
     store.clear()
     assert namespace_keys(store) == []
 
 
-def test_get_is_one_round_trip_and_scan_is_bounded(redis_url, namespace):
+def test_get_is_one_command_and_scan_is_bounded(redis_url, namespace):
     client = CountingRedis.from_url(redis_url)
-    store = RedisStore(client, namespace)
+    store = RedisStore(client, namespace, shards=8)
     keys = [f"g{i}" for i in range(2500)]
     store.merge(GroupStats.from_codes(np.arange(2500), keys, np.ones((2500, 2))))
     client.commands.clear()
     store.get("g7")
-    assert client.commands == ["GET"]
-    client.commands.clear()
-    store.get_many(keys[:700])
-    assert client.commands == ["MGET"]
-    client.commands.clear()
+    assert client.commands == ["HGET"]
+    assert store.get_many(keys[:700]).keys == keys[:700]
     parts = list(store.scan(chunk=1000))
-    assert [len(p) for p in parts] == [1000, 1000, 500]
-    assert client.commands == ["ZRANGEBYLEX", "MGET"] * 3
+    assert all(len(p) <= 1000 for p in parts)
+    assert sorted(k for p in parts for k in p.keys) == sorted(keys)

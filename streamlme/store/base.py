@@ -1,7 +1,10 @@
 """The StateStore protocol: where per-group statistics, Kafka offsets and models live.
 
 The store knows nothing of REML; it keeps bytes of `streamlme.stats` and applies deltas with the
-pairwise merge. Every implementation gives the same guarantees:
+pairwise merge. Its state is cut into `n_shards` shards (`streamlme.store.shards`: a cell's shard
+is a hash of its first grouping level); each shard keeps its own record of Kafka offsets, and
+`merge_shards` applies each shard's part atomically with that record. Every implementation gives
+the same guarantees, per shard:
 
 - `merge` applies a micro-batch of per-group deltas **and** records the next offset of every
   Kafka partition in the batch, atomically. A batch is accepted only if, for every partition it
@@ -40,6 +43,16 @@ class OffsetRange:
     end: int
 
 
+@dataclass(frozen=True)
+class ShardBatch:
+    """One shard's part of a micro-batch: its cells' deltas and the offset ranges it covers
+    (every partition of the batch, including those that brought none of its cells)."""
+
+    adds: GroupStats
+    retracts: GroupStats | None = None
+    offsets: Mapping[TopicPartition, OffsetRange] = field(default_factory=dict)
+
+
 @dataclass
 class MergeResult:
     """What `StateStore.merge` did.
@@ -75,7 +88,17 @@ def cell_levels(key: str) -> tuple[str, ...]:
 
 @runtime_checkable
 class StateStore(Protocol):
-    """Per-group statistics plus Kafka offsets, merged atomically."""
+    """Per-cell statistics plus Kafka offsets, merged atomically per shard; model versions,
+    the refresh lease and consumer status beside them."""
+
+    @property
+    def n_shards(self) -> int:
+        """Shards of the namespace (fixed when it was created)."""
+        ...
+
+    def shard_of(self, key: str) -> int:
+        """The shard holding cell ``key``."""
+        ...
 
     def merge(
         self,
@@ -84,11 +107,20 @@ class StateStore(Protocol):
         offsets: Mapping[TopicPartition, OffsetRange] | None = None,
         half_life: float | None = None,
     ) -> MergeResult:
-        """Fold ``adds`` in, take ``retracts`` out, record ``offsets``; all or nothing."""
+        """Fold ``adds`` in, take ``retracts`` out, record ``offsets`` in every shard."""
+        ...
+
+    def merge_shards(self, parts: Mapping[int, ShardBatch],
+                     half_life: float | None = None) -> dict[int, MergeResult]:
+        """Apply each shard's part with its offset check, atomically per shard."""
         ...
 
     def offsets(self, topic: str) -> dict[int, int]:
-        """Next offset to read, per partition of ``topic``, as recorded by applied batches."""
+        """Per partition of ``topic``, the lowest next offset any shard recorded."""
+        ...
+
+    def shard_offsets(self, topic: str) -> dict[int, dict[int, int]]:
+        """Per shard, the next offset per partition it recorded (shards with none absent)."""
         ...
 
     def get(self, group: str) -> GroupStats | None:
@@ -97,6 +129,14 @@ class StateStore(Protocol):
 
     def get_many(self, groups: Sequence[str]) -> GroupStats:
         """The groups that exist among ``groups``, in the order asked (one round trip)."""
+        ...
+
+    def read_shard(self, shard: int) -> GroupStats:
+        """Every cell of one shard, as one consistent snapshot."""
+        ...
+
+    def shard_versions(self) -> list[int]:
+        """Per shard, a counter that every merge changing its statistics bumps."""
         ...
 
     def scan(self, chunk: int = 10_000) -> Iterator[GroupStats]:
@@ -112,4 +152,45 @@ class StateStore(Protocol):
 
     def clear(self) -> None:
         """Delete everything under this store's namespace."""
+        ...
+
+    # model records (see streamlme.model) and the refresh leader's lease (streamlme.lease)
+
+    def put_model(self, record: bytes | str, fence: int | None = None,
+                  keep: int | None = None) -> int:
+        ...
+
+    def get_model(self, version: int | None = None) -> bytes | None:
+        ...
+
+    def model_versions(self) -> list[int]:
+        ...
+
+    def current_model_version(self) -> int | None:
+        ...
+
+    def set_current(self, version: int) -> None:
+        ...
+
+    def acquire_lease(self, owner: str, ttl: float) -> int | None:
+        ...
+
+    def renew_lease(self, owner: str, token: int, ttl: float) -> bool:
+        ...
+
+    def release_lease(self, owner: str, token: int) -> bool:
+        ...
+
+    def lease_holder(self) -> tuple[str, int, float] | None:
+        ...
+
+    # consumer status (see streamlme.status)
+
+    def write_status(self, consumer: str, record: Mapping[str, str | int | float], ttl: float,
+                     totals: Mapping[str, int]) -> None:
+        """Record a consumer's status (expiring after ``ttl`` s) and add to the totals."""
+        ...
+
+    def read_status(self, since: float) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+        """Records of consumers that reported at or after ``since``, and all-time totals."""
         ...

@@ -1,17 +1,23 @@
 """Redis key names of one namespace, and the encoding that keeps group ids out of key syntax.
 
-Every key of a namespace carries the hash tag ``{<namespace>}``, so all of them live in one Redis
-Cluster slot and one Lua script may touch any of them. Group ids are arbitrary strings; they are
-percent-encoded (every byte of their UTF-8 form outside ``[A-Za-z0-9_.~-]`` becomes ``%XX``), which
-is injective, leaves ordinary ids readable in ``redis-cli`` and can never produce ``{``, ``}`` or
-``:``.
+A namespace ``ns`` has two kinds of keys (see `streamlme.store.redis` for the whole layout):
+
+- the namespace's own, under the hash tag ``{ns}``: its meta (shard count, layout), model
+  records, the refresh lease and fence, consumer status;
+- each shard's, under ``{ns:s<i>}``: the shard's statistics, its index of cells by level, its
+  per-partition offsets and its meta. One script call may touch one shard's keys (one tag is one
+  Redis Cluster slot).
+
+Group ids are arbitrary strings; they are percent-encoded (every byte of their UTF-8 form outside
+``[A-Za-z0-9_.~-]`` becomes ``%XX``), which is injective, leaves ordinary ids readable in
+``redis-cli`` and can never produce ``{``, ``}`` or ``:``.
 
 >>> encode_group("A17"), encode_group("ward 3/{icu}:é")
 ('A17', 'ward%203%2F%7Bicu%7D%3A%C3%A9')
 >>> decode_group(encode_group("ward 3/{icu}:é"))
 'ward 3/{icu}:é'
->>> Keys("hospital_los").group("A17")
-'{hospital_los}:g:A17'
+>>> Keys("hospital_los").shard(17).stats, Keys("hospital_los").meta
+('{hospital_los:s17}:stats', '{hospital_los}:meta')
 """
 
 from __future__ import annotations
@@ -58,6 +64,38 @@ def validate_namespace(namespace: str) -> str:
 
 
 @dataclass(frozen=True)
+class ShardKeys:
+    """The key names of one shard of a namespace: all under the tag ``{ns:s<i>}``."""
+
+    tag: str
+
+    @property
+    def stats(self) -> str:
+        """Hash: encoded cell id -> the cell's statistics (`streamlme.stats` byte record)."""
+        return f"{self.tag}:stats"
+
+    @property
+    def levels(self) -> str:
+        """Index of cells by level: members ``<position>:<encoded level>:<encoded cell id>``."""
+        return f"{self.tag}:levels"
+
+    @property
+    def offsets(self) -> str:
+        """Hash: ``<topic>:<partition>`` -> next offset to read, as this shard has applied."""
+        return f"{self.tag}:offsets"
+
+    @property
+    def meta(self) -> str:
+        """Hash: ``d``, ``format``, ``columns``, ``version`` (bumped by each merge)."""
+        return f"{self.tag}:meta"
+
+    @property
+    def all(self) -> tuple[str, str, str, str]:
+        """The keys a merge script touches, in its KEYS order."""
+        return self.meta, self.stats, self.offsets, self.levels
+
+
+@dataclass(frozen=True)
 class Keys:
     """The key names of one namespace (see the module docstring of `streamlme.store.redis`)."""
 
@@ -70,34 +108,19 @@ class Keys:
     def tag(self) -> str:
         return "{" + self.namespace + "}"
 
-    @property
-    def group_prefix(self) -> str:
-        return f"{self.tag}:g:"
+    def shard(self, shard: int) -> ShardKeys:
+        return ShardKeys("{" + f"{self.namespace}:s{int(shard)}" + "}")
 
-    def group(self, group: str) -> str:
-        return self.group_prefix + encode_group(group)
-
-    @property
-    def groups(self) -> str:
-        return f"{self.tag}:groups"
-
-    @property
-    def levels(self) -> str:
-        """Index of cells by level: members ``<position>:<encoded level>:<encoded cell id>``."""
-        return f"{self.tag}:levels"
-
-    def level_range(self, position: int, level: str) -> tuple[str, str]:
+    @staticmethod
+    def level_range(position: int, level: str) -> tuple[str, str]:
         """ZRANGEBYLEX bounds of the index members of one level of grouping column
         ``position`` (an encoded level never holds ``:``, and ``;`` follows ``:``)."""
         head = f"{int(position)}:{encode_group(level)}"
         return f"[{head}:", f"({head};"
 
     @property
-    def offsets(self) -> str:
-        return f"{self.tag}:offsets"
-
-    @property
     def meta(self) -> str:
+        """Hash: ``layout`` (2, sharded), ``shards``, ``d``, ``columns``, ``created_at``."""
         return f"{self.tag}:meta"
 
     @property
@@ -117,9 +140,43 @@ class Keys:
         return f"{self.tag}:model:fence"
 
     @property
-    def pattern(self) -> str:
-        """SCAN pattern matching every key of this namespace (no glob characters in a tag)."""
-        return _glob_escape(self.tag) + ":*"
+    def lease(self) -> str:
+        return f"{self.tag}:lease"
+
+    @property
+    def lease_seq(self) -> str:
+        return f"{self.tag}:lease:seq"
+
+    @property
+    def consumers(self) -> str:
+        """Zset: encoded consumer id -> time of its last status."""
+        return f"{self.tag}:consumers"
+
+    def consumer(self, consumer: str) -> str:
+        """Hash: one consumer's status record (expires)."""
+        return f"{self.tag}:consumers:{encode_group(consumer)}"
+
+    @property
+    def ingest(self) -> str:
+        """Hash: all-time ingest totals of every consumer."""
+        return f"{self.tag}:ingest"
+
+    # The one-slot layout of streamlme 0.1 (every key under {ns}), read only to migrate it.
+    @property
+    def legacy_groups(self) -> str:
+        return f"{self.tag}:groups"
+
+    @property
+    def legacy_group_prefix(self) -> str:
+        return f"{self.tag}:g:"
+
+    @property
+    def legacy_offsets(self) -> str:
+        return f"{self.tag}:offsets"
+
+    @property
+    def legacy_levels(self) -> str:
+        return f"{self.tag}:levels"
 
 
 def offset_field(topic: str, partition: int) -> str:
@@ -132,7 +189,3 @@ def parse_offset_field(field: str | bytes) -> tuple[str, int]:
         field = field.decode("utf-8")
     topic, _, partition = field.rpartition(":")
     return topic, int(partition)
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)

@@ -44,7 +44,13 @@ from pathlib import Path
 import numpy as np
 
 from streamlme.stats import GroupStats, unpack_many
-from streamlme.store.base import MergeResult, OffsetRange, TopicPartition, cell_levels
+from streamlme.store.base import (
+    MergeResult,
+    OffsetRange,
+    ShardBatch,
+    TopicPartition,
+    cell_levels,
+)
 from streamlme.store.errors import StaleFenceError, StoreError
 from streamlme.store.policy import MODEL_HISTORY, OVERDRAW_RTOL
 
@@ -94,6 +100,10 @@ class MemoryStore:
         # a lease belongs to a running process
         self._lease: tuple[str, int, float] | None = None
         self._lease_seq = 0
+        self._version = 0  # bumped by every merge that changes the statistics
+        # consumer status: records (with their expiry) and all-time totals, never snapshotted
+        self._status: dict[str, tuple[float, dict[str, str]]] = {}
+        self._totals: dict[str, int] = {}
         if snapshot is not None and Path(snapshot).exists():
             self._restore(Path(snapshot))
 
@@ -110,6 +120,38 @@ class MemoryStore:
 
     def __repr__(self) -> str:
         return f"MemoryStore(d={self._d}, groups={self.n_groups()})"
+
+    # -- shards: one, as everything is in this process and a lock makes a merge atomic -----
+
+    n_shards = 1
+
+    def shard_of(self, key: str) -> int:
+        return 0
+
+    def merge_shards(self, parts: Mapping[int, ShardBatch], half_life: float | None = None
+                     ) -> dict[int, MergeResult]:
+        """`merge` of shard 0's part (the only shard)."""
+        if set(parts) - {0}:
+            raise StoreError(f"MemoryStore has one shard, 0; got parts for {sorted(parts)}")
+        if not parts:
+            return {}
+        part = parts[0]
+        return {0: self.merge(part.adds, part.retracts, part.offsets, half_life)}
+
+    def shard_offsets(self, topic: str) -> dict[int, dict[int, int]]:
+        recorded = self.offsets(topic)
+        return {0: recorded} if recorded else {}
+
+    def read_shard(self, shard: int) -> GroupStats:
+        if shard != 0:
+            raise StoreError(f"MemoryStore has one shard, 0; not {shard}")
+        with self._lock:
+            return self._stats.copy() if self._stats is not None \
+                else GroupStats.empty(self._d or 0)
+
+    def shard_versions(self) -> list[int]:
+        with self._lock:
+            return [self._version]
 
     # -- merge ------------------------------------------------------------------------------
 
@@ -139,6 +181,7 @@ class MemoryStore:
                 return MergeResult(applied=False, conflicts=conflicts)
             if width is not None:
                 self._d = width
+                self._version += 1
             if len(adds):
                 before = 0 if self._stats is None else len(self._stats)
                 if self._stats is None:
@@ -234,11 +277,30 @@ class MemoryStore:
             self._stats = None
             self._cells.clear()
             self._offsets.clear()
+            self._status.clear()
+            self._totals.clear()
             self._models.clear()
             self._model_seq = 0
             self._model_current = None
             self._fence = None
             self._d = None if self.columns is None else len(self.columns)
+
+    # -- consumer status (see streamlme.status) ----------------------------------------------
+
+    def write_status(self, consumer: str, record: Mapping[str, str | int | float], ttl: float,
+                     totals: Mapping[str, int]) -> None:
+        with self._lock:
+            now = float(record.get("updated_at", time.time()))
+            self._status[consumer] = (now + ttl, {k: str(v) for k, v in record.items()})
+            for name, n in totals.items():
+                self._totals[name] = self._totals.get(name, 0) + int(n)
+
+    def read_status(self, since: float) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+        with self._lock:
+            now = time.time()
+            live = {c: dict(r) for c, (expires, r) in self._status.items()
+                    if expires >= now and float(r.get("updated_at", 0.0)) >= since}
+            return live, dict(self._totals)
 
     # -- models -----------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
--- Apply one micro-batch of per-group deltas and record its Kafka offsets, all or nothing.
+-- Apply one shard's part of a micro-batch and record that shard's Kafka offsets, all or nothing.
 --
 -- The arithmetic mirrors streamlme.stats (merge_moments, retract_moments, GroupStats.decay_to)
 -- operation for operation, so results equal the Python merge bit for bit (with decay, Lua's
@@ -6,24 +6,25 @@
 -- Values are streamlme.stats byte records: 4-byte header ("SL", format version, d), then
 -- little-endian float64 n, t, mean[d], upper triangle of C (row-major), as struct '<d...'.
 --
--- KEYS[1] meta hash   KEYS[2] group registry (sorted set)   KEYS[3] offsets hash
--- KEYS[4] index of cells by level (sorted set, see below)
--- KEYS[5 .. 4+na]            keys of the groups in adds
--- KEYS[5+na .. 4+na+nr]      keys of the groups in retracts
+-- Every key is one shard's (one hash tag, so one Redis Cluster slot):
+-- KEYS[1] shard meta hash   KEYS[2] statistics hash (encoded cell id -> record)
+-- KEYS[3] offsets hash      KEYS[4] index of cells by level (sorted set, see below)
 -- ARGV[1] header shared by every delta   ARGV[2] half-life, or "" for no decay
 -- ARGV[3] na   ARGV[4] nr   ARGV[5] adds, concatenated records   ARGV[6] retracts, likewise
--- ARGV[7] columns (JSON) or ""   ARGV[8] length of the group key prefix
--- ARGV[9 ..] offsets as triples: field ("topic:partition"), batch start, batch end
+-- ARGV[7] columns (JSON) or ""   ARGV[8] noff, the number of offset triples
+-- ARGV[9 .. 8+3*noff] offsets as triples: field ("topic:partition"), batch start, batch end
+-- then na encoded ids of the adds, then nr encoded ids of the retracts
 --
 -- Returns {0, field, recorded, ...} if a partition's recorded offset is not the batch start
 -- (nothing changed), else {1, i, ...}: 1-based indices of retractions refused as overdrawn.
 -- Everything that could fail is checked before the first write: Redis does not roll back a
--- script that errors half-way.
+-- script that errors half-way. A call that changes statistics bumps the shard's meta
+-- ``version`` (what a distributed refresh keys a shard's cached block by).
 --
--- A new group whose id is a JSON array of two or more strings is a cell of a model with several
+-- A new cell whose id is a JSON array of two or more strings is a cell of a model with several
 -- grouping columns (element i its level of grouping column i): it is also added to the index
 -- KEYS[4] as members "<i>:<encoded level>:<encoded cell id>" (score 0), so that the cells of a
--- level are one ZRANGEBYLEX. Ids of a one-column model (the levels) cost one prefix test.
+-- level are one ZRANGEBYLEX per shard. Ids of a one-column model cost one prefix test.
 
 local s_unpack, s_pack, unpack, sub = struct.unpack, struct.pack, unpack, string.sub
 local header = ARGV[1]
@@ -32,7 +33,8 @@ local half_life = tonumber(ARGV[2])
 local na, nr = tonumber(ARGV[3]), tonumber(ARGV[4])
 local adds, retracts = ARGV[5], ARGV[6]
 local columns = ARGV[7]
-local prefix_len = tonumber(ARGV[8])
+local noff = tonumber(ARGV[8])
+local id0 = 8 + 3 * noff  -- ARGV[id0 + i] is the i-th encoded id
 
 local ntri = d * (d + 1) / 2
 local nvals = 2 + d + ntri
@@ -53,7 +55,6 @@ if touches and meta[2] and columns ~= '' and meta[2] ~= columns then
 end
 
 -- 2. every partition must continue exactly where the recorded offset ends
-local noff = (#ARGV - 8) / 3
 if noff > 0 then
   local fields = {}
   for i = 1, noff do fields[i] = ARGV[6 + 3 * i] end
@@ -77,20 +78,20 @@ local function read(first, count)
   local values = {}
   for lo = first, first + count - 1, CHUNK do
     local hi = math.min(lo + CHUNK - 1, first + count - 1)
-    local got = redis.call('MGET', unpack(KEYS, lo, hi))
+    local got = redis.call('HMGET', KEYS[2], unpack(ARGV, id0 + lo, id0 + hi))
     for j = 1, #got do
       local v = got[j]
       if v and (#v ~= size or sub(v, 1, 4) ~= header) then
-        return nil, KEYS[lo + j - 1]
+        return nil, ARGV[id0 + lo + j - 1]
       end
       values[lo - first + j] = v
     end
   end
   return values
 end
-local cur_a, bad_a = read(5, na)
+local cur_a, bad_a = read(1, na)
 if not cur_a then return redis.error_reply('CORRUPT ' .. bad_a .. ' is not a record of width ' .. d) end
-local cur_r, bad_r = read(5 + na, nr)
+local cur_r, bad_r = read(1 + na, nr)
 if not cur_r then return redis.error_reply('CORRUPT ' .. bad_r .. ' is not a record of width ' .. d) end
 
 local inf = math.huge
@@ -130,11 +131,10 @@ local function zadd(key, members)
   end
 end
 
-local function flush(pairs_, members)
+local function flush(pairs_)
   for lo = 1, #pairs_, 2 * CHUNK do
-    redis.call('MSET', unpack(pairs_, lo, math.min(lo + 2 * CHUNK - 1, #pairs_)))
+    redis.call('HSET', KEYS[2], unpack(pairs_, lo, math.min(lo + 2 * CHUNK - 1, #pairs_)))
   end
-  zadd(KEYS[2], members)
 end
 
 -- The index entries of a new group with encoded id `id` (streamlme.store.keys.encode_group:
@@ -171,9 +171,9 @@ end
 local written = {}  -- new values by key, so retractions see this batch's additions
 
 -- 4. additions: pairwise (Chan et al.) merge, as merge_moments, computed in place in a
-local out, members, no, nm, ix = {}, {}, 0, 0, {}
+local out, no, ix = {}, 0, {}
 for i = 1, na do
-  local key = KEYS[4 + i]
+  local key = ARGV[id0 + i]
   local b = {s_unpack(fmt, adds, (i - 1) * size + 5)}
   local a
   if cur_a[i] then
@@ -181,11 +181,7 @@ for i = 1, na do
   else
     a = {0, 0 / 0}
     for k = 3, nvals do a[k] = 0 end
-    local id = sub(key, prefix_len + 1)
-    members[nm + 1] = 0
-    members[nm + 2] = id
-    nm = nm + 2
-    if sub(id, 1, 3) == '%5B' then index_cell(id, ix) end
+    if sub(key, 1, 3) == '%5B' then index_cell(key, ix) end
   end
   if half_life then
     local t = fmax(a[2], b[2])
@@ -212,14 +208,14 @@ for i = 1, na do
   no = no + 2
   if nr > 0 then written[key] = v end
 end
-flush(out, members)
+flush(out)
 zadd(KEYS[4], ix)
 
 -- 5. retractions: inverse update, as retract_moments, in place; refuse to overdraw a group
 local overdrawn = {1}
 out, no = {}, 0
 for i = 1, nr do
-  local key = KEYS[4 + na + i]
+  local key = ARGV[id0 + na + i]
   local cur = written[key] or cur_r[i]
   local b = {s_unpack(fmt, retracts, (i - 1) * size + 5)}
   local s = cur and {s_unpack(fmt, cur, 5)}
@@ -250,7 +246,7 @@ for i = 1, nr do
     written[key] = v
   end
 end
-flush(out, {})
+flush(out)
 
 -- 6. offsets and metadata
 if noff > 0 then
@@ -261,10 +257,13 @@ if noff > 0 then
   end
   redis.call('HSET', KEYS[3], unpack(hset))
 end
-if touches and not meta[1] then
-  redis.call('HSET', KEYS[1], 'd', d, 'format', string.byte(header, 3), 'layout', 1)
-end
-if touches and not meta[2] and columns ~= '' then
-  redis.call('HSET', KEYS[1], 'columns', columns)
+if touches then
+  redis.call('HINCRBY', KEYS[1], 'version', 1)
+  if not meta[1] then
+    redis.call('HSET', KEYS[1], 'd', d, 'format', string.byte(header, 3))
+  end
+  if not meta[2] and columns ~= '' then
+    redis.call('HSET', KEYS[1], 'columns', columns)
+  end
 end
 return overdrawn

@@ -1,53 +1,75 @@
-"""RedisStore: per-group statistics, Kafka offsets and model versions in Redis.
+"""RedisStore: per-cell statistics, Kafka offsets and model versions in Redis (or a Cluster).
 
-Key layout of a namespace ``ns`` (all keys share the hash tag ``{ns}``, so they live in one Redis
-Cluster slot and one Lua script may touch any of them):
+The state of a namespace ``ns`` is spread over S shards (S fixed when the namespace is created,
+`streamlme.store.shards`). Each shard has its own hash tag, so each lives in one Redis Cluster
+slot, and the shards of a namespace spread over the Cluster's nodes. Standalone Redis uses the
+same layout:
 
-=============================  ======  =========================================================
-key                            type    value
-=============================  ======  =========================================================
-``{ns}:g:<encoded group id>``  string  the group's statistics, `streamlme.stats` byte record
-``{ns}:groups``                zset    registry: every encoded group id, score 0 (lex-ordered)
-``{ns}:levels``                zset    cells by level: ``<i>:<encoded level>:<encoded cell id>``
-``{ns}:offsets``               hash    ``<topic>:<partition>`` -> next offset to read
-``{ns}:meta``                  hash    ``d``, ``format``, ``layout``, ``columns`` (JSON list)
-``{ns}:models``                hash    model version -> record (bytes)
-``{ns}:model:seq``             string  last model version issued (INCR)
-``{ns}:model:current``         string  the version queries use
-``{ns}:model:fence``           string  highest fencing token a model writer has shown
-``{ns}:lease``                 string  refresh leader: ``owner|token``, expires (PX ttl)
-``{ns}:lease:seq``             string  last lease token issued (INCR)
-=============================  ======  =========================================================
+==================================  ======  ====================================================
+key                                 type    value
+==================================  ======  ====================================================
+``{ns}:meta``                       hash    ``layout`` (2), ``shards``, ``created_at``
+``{ns}:models``                     hash    model version -> record (bytes)
+``{ns}:model:seq``                  string  last model version issued (INCR)
+``{ns}:model:current``              string  the version queries use
+``{ns}:model:fence``                string  highest fencing token a model writer has shown
+``{ns}:lease``                      string  refresh leader: ``owner|token``, expires (PX ttl)
+``{ns}:lease:seq``                  string  last lease token issued (INCR)
+``{ns}:consumers``, ``…:<id>``      zset,   consumer status (`streamlme.status`)
+                                    hash
+``{ns}:ingest``                     hash    all-time ingest totals
+``{ns:s<i>}:stats``                 hash    encoded cell id -> statistics (`streamlme.stats`)
+``{ns:s<i>}:levels``                zset    cells by level: ``<j>:<encoded level>:<encoded id>``
+``{ns:s<i>}:offsets``               hash    ``<topic>:<partition>`` -> next offset this shard
+                                            has applied
+``{ns:s<i>}:meta``                  hash    ``d``, ``format``, ``columns`` (JSON), ``version``
+==================================  ======  ====================================================
 
-Group ids are percent-encoded (`streamlme.store.keys.encode_group`). The registry is a sorted
-set, not a set: paging it by value (ZRANGE BYLEX from the last id seen) visits every group
-exactly once with bounded memory even while groups are being added, where SSCAN may return an
-element twice if the set is rehashed mid-scan — and a group counted twice would bias a refit.
+Cell ids are percent-encoded (`streamlme.store.keys.encode_group`). A shard's statistics are one
+hash: reading a shard is one HGETALL, an atomic snapshot that sees every cell once, and a
+refresh reads all shards pipelined, a node at a time.
 
-The level index holds, for every cell of a model with several grouping columns (a group id that
-is a JSON array of levels, see `streamlme.store.base`), one member per grouping column i; the
-merge that brings a new cell writes them in the same script. `cells_of` reads one level's cells
-with one ZRANGEBYLEX. Ids of a one-column model are not indexed.
+`RedisStore.merge_shards` applies a batch's parts with one EVALSHA of ``merge.lua`` per shard,
+pipelined (per node, on a Cluster): each call checks that shard's recorded offset of every
+partition against the part's start, merges additions and retractions with the same arithmetic as
+`streamlme.stats`, and records the new offsets, all atomically. A lost connection leaves each
+shard's part applied entirely or not at all; a retried call whose first attempt did land is
+refused with ``conflicts`` equal to the part's ends (an exact replay), which the consumer
+recognises. Redirections of a Cluster (MOVED, ASK, TRYAGAIN during a slot migration, CLUSTERDOWN
+and lost connections during a failover) are retried here with backoff for up to
+``retry_seconds``; after that the error reaches the caller, which retries the same parts.
 
-`RedisStore.merge` is one EVALSHA of ``merge.lua``: it checks every partition's recorded offset
-against the batch start, merges additions and retractions with the same arithmetic as
-`streamlme.stats`, and records the new offsets, all atomically. A lost connection therefore
-leaves a batch either applied entirely or not at all; redis-py's ConnectionError reaches the
-caller unchanged. (redis-py may retry a command after a timeout; if the first attempt did run,
-the retry is refused with ``conflicts`` equal to the batch's ends — an exact replay.)
+A namespace in the one-slot layout of streamlme 0.1 (every key under ``{ns}``) is refused with
+a message naming ``streamlme store migrate`` (`streamlme.store.migrate`); it is never misread.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib.resources import files
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import redis
-from redis.exceptions import ResponseError
+from redis.cluster import RedisCluster
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats
-from streamlme.store.base import MergeResult, OffsetRange, TopicPartition
+from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, TopicPartition
 from streamlme.store.errors import StaleFenceError, StoreError
 from streamlme.store.keys import (
     Keys,
@@ -57,57 +79,111 @@ from streamlme.store.keys import (
     parse_offset_field,
 )
 from streamlme.store.policy import MODEL_HISTORY
+from streamlme.store.shards import DEFAULT_SHARDS, shard_of, split, take
+
+if TYPE_CHECKING:
+    from streamlme.store.connect import StoreAddress
 
 _SCRIPT_ERRORS = ("WIDTH", "COLUMNS", "CORRUPT", "NO_VERSION")
+#: The sharded layout's version, recorded in ``{ns}:meta`` (1 was the one-slot layout).
+LAYOUT = 2
+#: Errors of a Cluster in motion (a slot migrating, a failover) or of a connection, after which
+#: the same command may succeed.
+REDIRECTIONS: tuple[type[BaseException], ...] = (
+    TryAgainError, AskError, ClusterDownError, ClusterError, RedisClusterException,
+    RedisConnectionError, RedisTimeoutError,
+)
+#: Shards read per pipelined round trip by `scan`, at most.
+SHARDS_PER_ROUND = 64
+
+T = TypeVar("T")
+Client = redis.Redis | RedisCluster
 
 
 def _lua(name: str) -> str:
     return files("streamlme.store").joinpath(name).read_text(encoding="utf-8")
 
 
-def _records(stats: GroupStats) -> bytes:
+def _records(stats: GroupStats | None) -> bytes:
     """All groups of ``stats`` as one concatenation of their byte records."""
-    return b"".join(stats.to_bytes()) if len(stats) else b""
+    return b"".join(stats.to_bytes()) if stats is not None and len(stats) else b""
+
+
+def _decode(field: bytes) -> str:
+    # ordinary ids carry no escape: skip the percent-decoder for them
+    return field.decode("ascii") if b"%" not in field else decode_group(field)
+
+
+class LegacyLayoutError(StoreError):
+    """The namespace is in the one-slot layout of streamlme 0.1; it must be migrated."""
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script run by SHA, loaded again where a node does not have it (a promoted
+    replica, a restarted server)."""
+
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, name: str) -> Script:
+        source = _lua(name)
+        return cls(source, hashlib.sha1(source.encode("utf-8")).hexdigest())
 
 
 class RedisStore:
-    """The `StateStore` over Redis (standalone, or Cluster: every key is in one slot).
+    """The `StateStore` over Redis: standalone (`redis.Redis`) or a Cluster
+    (`redis.cluster.RedisCluster`), in the sharded layout of the module docstring.
 
     Parameters
     ----------
     client_or_url
-        A redis-py client made with ``decode_responses=False`` (the default), or a URL such as
-        ``redis://:password@host:6379/0`` or ``rediss://...`` for TLS.
+        A redis-py client made with ``decode_responses=False`` (the default), standalone or
+        Cluster, or a URL such as ``redis://:password@host:6379/0`` or ``rediss://...`` for TLS
+        (`streamlme.store.connect.redis_client` builds Cluster clients from configuration).
     namespace
-        Names the model; every key lives under ``{namespace}``. No braces, spaces or control
-        characters.
+        Names the model. No braces, spaces or control characters.
     d
         Number of statistics columns, if known: checked against what the namespace holds.
     columns
         Column names (covariates then response), recorded on first merge and checked after.
     model_history
         How many model versions to keep.
+    shards
+        Shards of the namespace if this store creates it (default 256); a namespace that exists
+        keeps the count it was created with.
+    retry_seconds
+        How long a command is retried through Cluster redirections and lost connections.
     """
 
     def __init__(
         self,
-        client_or_url: redis.Redis | str,
+        client_or_url: Client | str,
         namespace: str,
         d: int | None = None,
         columns: Sequence[str] | None = None,
         model_history: int = MODEL_HISTORY,
+        shards: int | None = None,
+        retry_seconds: float = 30.0,
     ) -> None:
         client = (
             redis.Redis.from_url(client_or_url)
             if isinstance(client_or_url, str)
             else client_or_url
         )
+        if not isinstance(client, (redis.Redis, RedisCluster)):
+            raise StoreError(f"RedisStore needs a redis.Redis or redis.cluster.RedisCluster, "
+                             f"not {type(client).__name__}")
         kwargs = getattr(client, "get_connection_kwargs", dict)()
         if kwargs.get("decode_responses"):
             raise StoreError("RedisStore needs a client with decode_responses=False (bytes values)")
         if model_history < 1:
             raise StoreError(f"model_history must be at least 1, got {model_history}")
+        if shards is not None and not 1 <= shards <= 16384:
+            raise StoreError(f"shards must be between 1 and 16384, got {shards}")
         self.client = client
+        self.is_cluster = isinstance(client, RedisCluster)
         self.keys = Keys(namespace)
         self.namespace = namespace
         self.columns = tuple(columns) if columns is not None else None
@@ -115,9 +191,10 @@ class RedisStore:
             raise StoreError(f"{len(self.columns)} columns given for statistics of width d={d}")
         self._d = d if d is not None else (len(self.columns) if self.columns else None)
         self.model_history = model_history
-        self._prefix = self.keys.group_prefix
-        self._prefix_len = len(self._prefix.encode("utf-8"))
-        self._merge = client.register_script(_lua("merge.lua"))
+        self.retry_seconds = retry_seconds
+        self._new_shards = shards or DEFAULT_SHARDS
+        self._shards: int | None = None  # as the namespace records it, once read
+        self._merge = Script.of("merge.lua")
         self._models = client.register_script(_lua("models.lua"))
         if self._d is not None or self.columns is not None:
             self._check_meta()
@@ -125,35 +202,126 @@ class RedisStore:
     def __repr__(self) -> str:
         return f"RedisStore({self.client!r}, namespace={self.namespace!r}, d={self._d})"
 
-    # -- metadata ---------------------------------------------------------------------------
+    # -- retries ----------------------------------------------------------------------------
+
+    def _retrying(self, fn: Callable[[], T]) -> T:
+        """``fn()``, retried with capped backoff through redirections and failovers."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                return fn()
+            except REDIRECTIONS:
+                if time.monotonic() + delay > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                if self.is_cluster:
+                    self.client.nodes_manager.initialize()
+
+    def _pipeline(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run ``commands`` (tuples of a command's arguments) in pipelines: one round trip
+        standalone, one per node on a Cluster; retried as a whole through redirections."""
+        if not commands:
+            return []
+
+        def run() -> list[Any]:
+            pipe = (self.client.pipeline() if self.is_cluster
+                    else self.client.pipeline(transaction=False))
+            for command in commands:
+                pipe.execute_command(*command)
+            return pipe.execute()
+
+        return self._retrying(run)
+
+    # -- layout and metadata ----------------------------------------------------------------
+
+    @property
+    def n_shards(self) -> int:
+        """Shards of the namespace: as it records them, or as it will be created with."""
+        if self._shards is None:
+            shards = self._read_layout()
+            if shards is None:
+                return self._new_shards
+            self._shards = shards
+        return self._shards
+
+    def _read_layout(self) -> int | None:
+        k = self.keys
+        meta, legacy_groups, legacy_offsets = self._pipeline([
+            ("HGETALL", k.meta), ("EXISTS", k.legacy_groups), ("EXISTS", k.legacy_offsets)])
+        meta = {f.decode(): v.decode() for f, v in dict(meta).items()}
+        if meta.get("layout", "1") != str(LAYOUT) and (meta or legacy_groups or legacy_offsets):
+            raise LegacyLayoutError(
+                f"namespace {self.namespace!r} is in the one-slot layout of streamlme 0.1; run "
+                "`streamlme store migrate --config FILE` to move it to the sharded layout "
+                "(nothing was read or written)"
+            )
+        return int(meta["shards"]) if "shards" in meta else None
+
+    def _create(self) -> int:
+        """Record the namespace's layout if it is new (the first writer's shard count wins)."""
+        if self._shards is not None:
+            return self._shards
+        k = self.keys
+        _, _, _, meta = self._pipeline([
+            ("HSETNX", k.meta, "shards", self._new_shards),
+            ("HSETNX", k.meta, "layout", LAYOUT),
+            ("HSETNX", k.meta, "created_at", repr(time.time())),
+            ("HGET", k.meta, "shards"),
+        ])
+        self._read_layout()  # refuse a legacy namespace that a shards field was just added to
+        self._shards = int(meta)
+        return self._shards
+
+    def shard_of(self, key: str) -> int:
+        """The shard holding cell ``key``."""
+        return shard_of(key, self.n_shards)
+
+    def created_at(self) -> float | None:
+        """When the namespace was created (unix time), None if it does not exist yet."""
+        value = self._retrying(lambda: self.client.hget(self.keys.meta, "created_at"))
+        return None if value is None else float(value)
 
     def _columns_json(self) -> str:
         if self.columns is None:
             return ""
         return json.dumps(list(self.columns), ensure_ascii=False, separators=(",", ":"))
 
+    def _shard_meta(self) -> tuple[int | None, list[str] | None]:
+        """(d, columns) as the first shard that holds statistics records them."""
+        metas = self._pipeline([("HMGET", self.keys.shard(s).meta, "d", "columns")
+                                for s in range(self.n_shards)])
+        for d, cols in metas:
+            if d is not None:
+                return int(d), (json.loads(cols) if cols is not None else None)
+        return None, None
+
     def _check_meta(self) -> None:
-        d, cols = self.client.hmget(self.keys.meta, ["d", "columns"])
-        if d is not None and self._d is not None and int(d) != self._d:
+        d, have = self._shard_meta()
+        if d is not None and self._d is not None and d != self._d:
             raise StoreError(
-                f"namespace {self.namespace!r} holds statistics of {int(d)} columns, not "
+                f"namespace {self.namespace!r} holds statistics of {d} columns, not "
                 f"{self._d}; use another namespace or clear this one"
             )
-        if cols is not None and self.columns is not None:
-            have = json.loads(cols)
-            if list(have) != list(self.columns):
-                raise StoreError(
-                    f"namespace {self.namespace!r} holds statistics of columns {have}, not "
-                    f"{list(self.columns)}; use another namespace or clear this one"
-                )
+        if have is not None and self.columns is not None and list(have) != list(self.columns):
+            raise StoreError(
+                f"namespace {self.namespace!r} holds statistics of columns {have}, not "
+                f"{list(self.columns)}; use another namespace or clear this one"
+            )
 
     @property
     def d(self) -> int | None:
         """Width of the statistics: as given, else as the namespace records, else None."""
         if self._d is None:
-            d = self.client.hget(self.keys.meta, "d")
-            self._d = int(d) if d is not None else None
+            self._d = self._shard_meta()[0]
         return self._d
+
+    def address(self) -> StoreAddress:
+        """How another process (a Dask worker) connects to this namespace."""
+        from streamlme.store.connect import StoreAddress
+
+        return StoreAddress.of(self)
 
     # -- merge ------------------------------------------------------------------------------
 
@@ -164,73 +332,198 @@ class RedisStore:
         offsets: Mapping[TopicPartition, OffsetRange] | None = None,
         half_life: float | None = None,
     ) -> MergeResult:
-        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets``: one script.
+        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets`` in every shard.
 
-        With ``half_life``, each added group's stored mass and its delta are aged to the later
-        of their times before merging (as `GroupStats.merge`); retractions are not aged.
-        Raises StoreError (changing nothing) if the batch's width or columns differ from what
-        the namespace holds or a stored value is corrupt; redis-py's errors pass through.
+        Atomic per shard (`merge_shards`); when every shard records the same offsets, as this
+        method leaves them, a refused batch is refused by every shard and changes nothing.
         """
-        retracts = retracts if retracts is not None and len(retracts) else None
-        width = adds.d if len(adds) else (retracts.d if retracts is not None else self._d)
-        if retracts is not None and len(adds) and retracts.d != adds.d:
-            raise StoreError(f"adds have {adds.d} columns but retracts have {retracts.d}")
-        if self._d is not None and width is not None and (len(adds) or retracts) \
-                and width != self._d:
-            raise StoreError(f"batch has {width} columns; this store holds {self._d}")
+        offsets = dict(offsets or {})
+        parts_a = split(adds, self.n_shards)
+        parts_r = split(retracts, self.n_shards)
+        touched = set(parts_a) | set(parts_r)
+        shards = range(self.n_shards) if offsets else sorted(touched)
+        empty = GroupStats.empty(adds.d)
+        parts = {s: ShardBatch(parts_a.get(s, empty), parts_r.get(s), offsets) for s in shards}
+        results = self.merge_shards(parts, half_life)
+        out = MergeResult(applied=all(r.applied for r in results.values()))
+        for r in results.values():
+            out.conflicts.update(r.conflicts)
+            out.overdrawn.extend(r.overdrawn)
+        return out
+
+    def merge_shards(self, parts: Mapping[int, ShardBatch], half_life: float | None = None
+                     ) -> dict[int, MergeResult]:
+        """Apply each shard's part (its adds, retracts and offset ranges) with one script call
+        per shard, pipelined; each call is atomic. Returns each shard's `MergeResult`.
+
+        Raises StoreError (changing nothing in that shard) if a part's width or columns differ
+        from what the namespace holds or a stored value is corrupt; connection errors that
+        outlast ``retry_seconds`` pass through, with any shard's part applied or not.
+        """
         if half_life is not None and not (half_life > 0 and half_life != float("inf")):
             raise StoreError(f"half_life must be a positive finite number, got {half_life}")
-        r_keys = retracts.keys if retracts is not None else []
-        keys = [self.keys.meta, self.keys.groups, self.keys.offsets, self.keys.levels]
-        keys += [self._prefix + encode_group(k) for k in adds.keys]
-        keys += [self._prefix + encode_group(k) for k in r_keys]
+        n_shards = self._create()
+        if self._d is None:
+            _ = self.d  # a width any shard records binds the whole namespace
+        calls: dict[int, tuple[Any, ...]] = {}
+        retract_keys: dict[int, list[str]] = {}
+        width = None
+        for shard, part in parts.items():
+            if not 0 <= shard < n_shards:
+                raise StoreError(f"shard {shard} is not one of the namespace's {n_shards}")
+            calls[shard], retract_keys[shard], w = self._call(shard, part, half_life)
+            width = width or w
+        replies = self._evalsha_all(calls)
+        results: dict[int, MergeResult] = {}
+        for shard, reply in replies.items():
+            if reply[0] == 0:
+                conflicts = {parse_offset_field(reply[i]): int(reply[i + 1])
+                             for i in range(1, len(reply), 2)}
+                results[shard] = MergeResult(applied=False, conflicts=conflicts)
+            else:
+                results[shard] = MergeResult(
+                    applied=True, overdrawn=[retract_keys[shard][i - 1] for i in reply[1:]])
+        if width is not None and self._d is None:
+            self._d = width
+        return results
+
+    def _call(self, shard: int, part: ShardBatch, half_life: float | None
+              ) -> tuple[tuple[Any, ...], list[str], int | None]:
+        adds, retracts = part.adds, part.retracts
+        retracts = retracts if retracts is not None and len(retracts) else None
+        n_adds = len(adds) if adds is not None else 0
+        width = adds.d if n_adds else (retracts.d if retracts is not None else self._d)
+        if retracts is not None and n_adds and retracts.d != adds.d:
+            raise StoreError(f"adds have {adds.d} columns but retracts have {retracts.d}")
+        if self._d is not None and width is not None and (n_adds or retracts) \
+                and width != self._d:
+            raise StoreError(f"batch has {width} columns; this store holds {self._d}")
+        triples: list[str | int] = []
+        for (topic, partition), rng in part.offsets.items():
+            if rng.end < rng.start:
+                raise StoreError(f"offset range of {topic}:{partition} ends before it starts")
+            triples += [offset_field(topic, partition), int(rng.start), int(rng.end)]
+        r_keys = list(retracts.keys) if retracts is not None else []
+        a_keys = list(adds.keys) if n_adds else []
         args: list[bytes | str | int] = [
             HEADER.pack(MAGIC, FORMAT_VERSION, width or 0),
             "" if half_life is None else repr(float(half_life)),
-            len(adds),
-            len(r_keys),
-            _records(adds),
-            _records(retracts) if retracts is not None else b"",
-            self._columns_json(),
-            self._prefix_len,
+            n_adds, len(r_keys),
+            _records(adds if n_adds else None), _records(retracts),
+            self._columns_json(), len(part.offsets), *triples,
+            *[encode_group(k) for k in a_keys], *[encode_group(k) for k in r_keys],
         ]
-        for (topic, partition), rng in (offsets or {}).items():
-            if rng.end < rng.start:
-                raise StoreError(f"offset range of {topic}:{partition} ends before it starts")
-            args += [offset_field(topic, partition), int(rng.start), int(rng.end)]
-        try:
-            reply = self._merge(keys=keys, args=args)
-        except ResponseError as e:
-            _raise_refusal(e)
-            raise
-        if reply[0] == 0:
-            conflicts = {
-                parse_offset_field(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)
-            }
-            return MergeResult(applied=False, conflicts=conflicts)
-        if width is not None and self._d is None and (len(adds) or retracts is not None):
-            self._d = width
-        return MergeResult(applied=True, overdrawn=[r_keys[i - 1] for i in reply[1:]])
+        keys = self.keys.shard(shard).all
+        return (len(keys), *keys, *args), r_keys, width if (n_adds or retracts) else None
+
+    def _evalsha_all(self, calls: Mapping[int, tuple[Any, ...]]) -> dict[int, Any]:
+        """EVALSHA every call, pipelined; load the script where a node lacks it; raise the
+        scripts' refusals as StoreError."""
+        pending = dict(calls)
+        replies: dict[int, Any] = {}
+        for _ in range(3):
+            order = list(pending)
+            got = self._pipeline_raw([("EVALSHA", self._merge.sha, *pending[s]) for s in order])
+            missing = {}
+            for shard, reply in zip(order, got, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing[shard] = pending[shard]
+                elif isinstance(reply, ResponseError):
+                    _raise_refusal(reply)
+                    raise reply
+                else:
+                    replies[shard] = reply
+            if not missing:
+                return replies
+            self._retrying(lambda: self.client.script_load(self._merge.source))
+            pending = missing
+        raise StoreError("the merge script could not be loaded on every node")
+
+    def _pipeline_raw(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """`_pipeline` that returns each command's server error in its place; redirections and
+        lost connections are retried for the commands they hit (a retried merge whose first
+        attempt landed is refused as a replay, which the caller recognises)."""
+        results: list[Any] = [None] * len(commands)
+        todo = list(range(len(commands)))
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 0.05
+        while True:
+            try:
+                pipe = (self.client.pipeline() if self.is_cluster
+                        else self.client.pipeline(transaction=False))
+                for i in todo:
+                    pipe.execute_command(*commands[i])
+                got = pipe.execute(raise_on_error=False)
+            except REDIRECTIONS:
+                got = None
+            if got is not None:
+                again = []
+                for i, reply in zip(todo, got, strict=True):
+                    if isinstance(reply, REDIRECTIONS) and not isinstance(reply, NoScriptError):
+                        again.append(i)
+                    else:
+                        results[i] = reply
+                if not again:
+                    return results
+                todo = again
+            if time.monotonic() + delay > deadline:
+                raise RedisConnectionError(
+                    f"{len(todo)} of {len(commands)} commands to Redis did not get through in "
+                    f"{self.retry_seconds:g}s (cluster redirections or a lost connection)")
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            if self.is_cluster:
+                self.client.nodes_manager.initialize()
 
     # -- reads ------------------------------------------------------------------------------
 
+    def shard_offsets(self, topic: str) -> dict[int, dict[int, int]]:
+        """Next offset per partition of ``topic`` as each shard recorded it (shards with no
+        record of the topic are absent)."""
+        replies = self._pipeline([("HGETALL", self.keys.shard(s).offsets)
+                                  for s in range(self.n_shards)])
+        out: dict[int, dict[int, int]] = {}
+        for shard, fields in enumerate(replies):
+            for field, value in dict(fields).items():
+                t, partition = parse_offset_field(field)
+                if t == topic:
+                    out.setdefault(shard, {})[partition] = int(value)
+        return out
+
     def offsets(self, topic: str) -> dict[int, int]:
-        out = {}
-        for field, value in self.client.hgetall(self.keys.offsets).items():
-            t, partition = parse_offset_field(field)
-            if t == topic:
-                out[partition] = int(value)
+        """Per partition, the lowest offset any shard recorded: where a restart resumes."""
+        out: dict[int, int] = {}
+        for per in self.shard_offsets(topic).values():
+            for partition, offset in per.items():
+                out[partition] = min(offset, out.get(partition, offset))
         return out
 
     def get(self, group: str) -> GroupStats | None:
-        value = self.client.get(self.keys.group(group))
+        field = encode_group(group)
+        key = self.keys.shard(self.shard_of(group)).stats
+        value = self._retrying(lambda: self.client.hget(key, field))
         return None if value is None else GroupStats.from_bytes([group], [value])
 
     def get_many(self, groups: Sequence[str]) -> GroupStats:
         groups = list(dict.fromkeys(groups))
-        values = self.client.mget([self.keys.group(g) for g in groups]) if groups else []
-        found = [(g, v) for g, v in zip(groups, values, strict=True) if v is not None]
+        found = [(g, v) for g, v in zip(groups, self.get_values(groups), strict=True)
+                 if v is not None]
         return self._stats(found)
+
+    def get_values(self, groups: Sequence[str]) -> list[bytes | None]:
+        """The byte records of ``groups`` (None where unseen), one HMGET per shard, pipelined."""
+        by_shard: dict[int, list[int]] = {}
+        fields = [encode_group(g) for g in groups]
+        for i, g in enumerate(groups):
+            by_shard.setdefault(self.shard_of(g), []).append(i)
+        order = list(by_shard)
+        replies = self._pipeline([("HMGET", self.keys.shard(s).stats,
+                                   *[fields[i] for i in by_shard[s]]) for s in order])
+        values: list[bytes | None] = [None] * len(groups)
+        for shard, got in zip(order, replies, strict=True):
+            for i, v in zip(by_shard[shard], got, strict=True):
+                values[i] = v
+        return values
 
     def _stats(self, found: Sequence[tuple[str, bytes]]) -> GroupStats:
         if not found:
@@ -238,55 +531,112 @@ class RedisStore:
         keys, values = zip(*found, strict=True)
         return GroupStats.from_bytes(list(keys), list(values))
 
+    def read_shard(self, shard: int) -> GroupStats:
+        """Every cell of one shard: one HGETALL, an atomic snapshot."""
+        return self.read_shards([shard])[0]
+
+    def read_shards(self, shards: Sequence[int]) -> list[GroupStats]:
+        """Every cell of each of ``shards``, pipelined (binary records, no per-cell command)."""
+        replies = self._pipeline([("HGETALL", self.keys.shard(s).stats) for s in shards])
+        out = []
+        for fields in replies:
+            fields = dict(fields)
+            out.append(self._stats([(_decode(f), v) for f, v in fields.items()]) if fields
+                       else GroupStats.empty(self.d or 0))
+        return out
+
+    def shard_versions(self) -> list[int]:
+        """Each shard's version: bumped by every merge that changes its statistics."""
+        replies = self._pipeline([("HGET", self.keys.shard(s).meta, "version")
+                                  for s in range(self.n_shards)])
+        return [int(v) if v is not None else 0 for v in replies]
+
+    def shard_sizes(self) -> list[int]:
+        """Cells per shard (one pipelined HLEN each)."""
+        return [int(n) for n in self._pipeline([("HLEN", self.keys.shard(s).stats)
+                                                for s in range(self.n_shards)])]
+
     def scan(self, chunk: int = 10_000) -> Iterator[GroupStats]:
-        """Every group once, ``chunk`` at a time, in the order of their encoded ids."""
+        """Every cell once, at most ``chunk`` at a time: shard by shard, each shard an atomic
+        snapshot, several shards per round trip (up to `SHARDS_PER_ROUND`)."""
         if chunk < 1:
             raise StoreError(f"chunk must be at least 1, got {chunk}")
-        low: bytes = b"-"
-        while True:
-            members = self.client.zrangebylex(self.keys.groups, low, b"+", start=0, num=chunk)
-            if not members:
-                return
-            values = self.client.mget([self._prefix.encode() + m for m in members])
-            found = [
-                (decode_group(m), v) for m, v in zip(members, values, strict=True) if v is not None
-            ]
-            if found:
-                yield self._stats(found)
-            if len(members) < chunk:
-                return
-            low = b"(" + members[-1]
+        sizes = self.shard_sizes()
+        batch: list[int] = []
+        held = 0
+        for shard, size in enumerate(sizes):
+            if size:
+                batch.append(shard)
+                held += size
+            last = shard == len(sizes) - 1
+            if batch and (held >= chunk or len(batch) >= SHARDS_PER_ROUND or last):
+                for stats in self.read_shards(batch):
+                    for lo in range(0, len(stats), chunk):
+                        yield stats if len(stats) <= chunk else take(
+                            stats, np.arange(lo, min(lo + chunk, len(stats))))
+                batch, held = [], 0
 
     def cells_of(self, position: int, level: str) -> list[str]:
         """Keys of the cells whose grouping column ``position`` holds ``level`` (cells keyed by
-        a JSON array of levels; see `streamlme.store.base`): one ZRANGEBYLEX."""
+        a JSON array of levels; see `streamlme.store.base`): one ZRANGEBYLEX in the level's
+        shard for the first grouping column, one per shard (pipelined) for the others."""
         low, high = self.keys.level_range(position, level)
         skip = len(low) - 1
-        return [decode_group(m[skip:]) for m in self.client.zrangebylex(self.keys.levels, low, high)]
+        shards = [shard_of(level, self.n_shards)] if position == 0 else range(self.n_shards)
+        replies = self._pipeline([("ZRANGEBYLEX", self.keys.shard(s).levels, low, high)
+                                  for s in shards])
+        return [decode_group(m[skip:]) for members in replies for m in members]
 
     def n_groups(self) -> int:
-        return int(self.client.zcard(self.keys.groups))
+        return sum(self.shard_sizes())
 
-    def clear(self, batch: int = 1000) -> None:
-        """Delete every key of the namespace (groups found through the registry, in batches)."""
-        prefix = self._prefix.encode()
-        while True:
-            members = self.client.zrange(self.keys.groups, 0, batch - 1)
-            if not members:
-                break
-            self.client.unlink(*[prefix + m for m in members])
-            self.client.zrem(self.keys.groups, *members)
+    def clear(self) -> None:
+        """Delete every key of the namespace: its shards', then its own."""
+        if self._read_layout() is not None or self._shards is not None:
+            for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
+                self._pipeline([("UNLINK", *self.keys.shard(s).all)
+                                for s in range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))])
         k = self.keys
-        self.client.unlink(k.groups, k.levels, k.offsets, k.meta, k.models, k.model_seq,
-                           k.model_current, k.model_fence)
+        consumers = self._retrying(lambda: self.client.zrange(k.consumers, 0, -1))
+        self._pipeline([("UNLINK", key) for key in (
+            k.meta, k.models, k.model_seq, k.model_current, k.model_fence, k.consumers,
+            k.ingest, *[f"{k.tag}:consumers:{m.decode()}" for m in consumers])])
+        self._shards = None
         self._d = None if self.columns is None else len(self.columns)
+
+    # -- consumer status (see streamlme.status) ----------------------------------------------
+
+    def write_status(self, consumer: str, record: Mapping[str, str | int | float], ttl: float,
+                     totals: Mapping[str, int]) -> None:
+        """Record one consumer's status (expiring after ``ttl`` s) and add ``totals`` to the
+        namespace's all-time counters; consumers silent for ``ttl`` drop out of the index."""
+        k, now = self.keys, float(record.get("updated_at", time.time()))
+        member = encode_group(consumer)
+        commands: list[tuple[Any, ...]] = [
+            ("HSET", k.consumer(consumer), *[x for kv in record.items() for x in kv]),
+            ("PEXPIRE", k.consumer(consumer), int(ttl * 1000)),
+            ("ZADD", k.consumers, now, member),
+            ("ZREMRANGEBYSCORE", k.consumers, "-inf", f"({now - ttl}"),
+        ]
+        commands += [("HINCRBY", k.ingest, name, n) for name, n in totals.items() if n]
+        self._pipeline(commands)
+
+    def read_status(self, since: float) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
+        """Records of consumers that reported at or after ``since``, and the all-time totals."""
+        k = self.keys
+        members, raw_totals = self._pipeline([("ZRANGEBYSCORE", k.consumers, since, "+inf"),
+                                              ("HGETALL", k.ingest)])
+        totals = {f.decode(): int(v) for f, v in dict(raw_totals).items()}
+        names = [decode_group(m) for m in members]
+        records = self._pipeline([("HGETALL", k.consumer(name)) for name in names])
+        return ({name: {f.decode(): v.decode() for f, v in dict(h).items()}
+                 for name, h in zip(names, records, strict=True) if h}, totals)
 
     # -- models -----------------------------------------------------------------------------
 
     def _model_keys(self) -> list[str]:
         k = self.keys
-        return [k.models, k.model_seq, k.model_current, k.model_fence,
-                f"{k.tag}:lease", f"{k.tag}:lease:seq"]
+        return [k.models, k.model_seq, k.model_current, k.model_fence, k.lease, k.lease_seq]
 
     def put_model(self, record: bytes | str, fence: int | None = None,
                   keep: int | None = None) -> int:
@@ -302,7 +652,7 @@ class RedisStore:
             raise StoreError(f"keep must be at least 1, got {keep}")
         args = ["put", record, "" if fence is None else int(fence), keep]
         try:
-            return int(self._models(keys=self._model_keys(), args=args))
+            return int(self._retrying(lambda: self._models(keys=self._model_keys(), args=args)))
         except ResponseError as e:
             _raise_refusal(e)
             raise
@@ -310,20 +660,21 @@ class RedisStore:
     def get_model(self, version: int | None = None) -> bytes | None:
         """The current model record (or the given version); None if there is none."""
         args = ["get", "" if version is None else int(version)]
-        return self._models(keys=self._model_keys(), args=args)
+        return self._retrying(lambda: self._models(keys=self._model_keys(), args=args))
 
     def model_versions(self) -> list[int]:
         """Stored model versions, oldest first."""
-        return sorted(int(v) for v in self.client.hkeys(self.keys.models))
+        return sorted(int(v) for v in self._retrying(lambda: self.client.hkeys(self.keys.models)))
 
     def current_model_version(self) -> int | None:
-        v = self.client.get(self.keys.model_current)
+        v = self._retrying(lambda: self.client.get(self.keys.model_current))
         return None if v is None else int(v)
 
     def set_current(self, version: int) -> None:
         """Make a stored version current (roll back or forward); StoreError if not stored."""
         try:
-            self._models(keys=self._model_keys(), args=["current", int(version)])
+            self._retrying(lambda: self._models(keys=self._model_keys(),
+                                                args=["current", int(version)]))
         except ResponseError as e:
             _raise_refusal(e)
             raise
@@ -335,22 +686,23 @@ class RedisStore:
 
         None if someone else holds it. Tokens grow with every acquisition.
         """
-        reply = self._models(keys=self._model_keys(), args=["acquire", owner, _ms(ttl)])
+        args = ["acquire", owner, _ms(ttl)]
+        reply = self._retrying(lambda: self._models(keys=self._model_keys(), args=args))
         return int(reply[1]) if reply[0] == 1 else None
 
     def renew_lease(self, owner: str, token: int, ttl: float) -> bool:
         """Extend the lease to ``ttl`` seconds from now if it is still ``owner``'s ``token``."""
         args = ["renew", owner, int(token), _ms(ttl)]
-        return bool(self._models(keys=self._model_keys(), args=args))
+        return bool(self._retrying(lambda: self._models(keys=self._model_keys(), args=args)))
 
     def release_lease(self, owner: str, token: int) -> bool:
         """Give the lease up if it is still ``owner``'s ``token``; False if it was not."""
         args = ["release", owner, int(token)]
-        return bool(self._models(keys=self._model_keys(), args=args))
+        return bool(self._retrying(lambda: self._models(keys=self._model_keys(), args=args)))
 
     def lease_holder(self) -> tuple[str, int, float] | None:
         """(owner, token, seconds left) of the lease, or None when it is free."""
-        reply = self._models(keys=self._model_keys(), args=["holder"])
+        reply = self._retrying(lambda: self._models(keys=self._model_keys(), args=["holder"]))
         if not reply:
             return None
         owner, _, token = reply[0].decode("utf-8").rpartition("|")
