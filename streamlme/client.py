@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import redis
+from redis.cluster import RedisCluster
 
 from streamlme.blup import TermsModel
 from streamlme.blup import predict as _predict
@@ -48,13 +49,14 @@ from streamlme.model import ModelRecord
 from streamlme.spec import INTERCEPT, SpecError, term_name
 from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats, StatsError, packed_size
 from streamlme.store.base import StateStore
+from streamlme.store.connect import open_store, redis_client
 from streamlme.store.errors import StoreError
 from streamlme.store.keys import encode_group
 from streamlme.store.redis import RedisStore
 
 #: Most groups one `Client.effects` call (and one HTTP request) may ask for.
 MAX_GROUPS = 10_000
-_URL_SCHEMES = ("redis://", "rediss://", "unix://")
+_URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
 class ModelNotReady(LookupError):  # noqa: N818 - the name users catch
@@ -300,38 +302,9 @@ class ModelVersionNotFoundError(LookupError):
     """An asked model version is not stored (never written, or trimmed from history)."""
 
 
-class _RedisSource:
-    """Group records and the current version in one MGET; models through `RedisStore`."""
-
-    def __init__(self, client: redis.Redis, namespace: str) -> None:
-        self.store = RedisStore(client, namespace)
-        self.redis = client
-        self.prefix = self.store.keys.group_prefix
-        self.current_key = self.store.keys.model_current
-
-    def one(self, group: str) -> tuple[bytes | None, int | None]:
-        value, version = self.redis.mget([self.prefix + encode_group(group), self.current_key])
-        return value, None if version is None else int(version)
-
-    def many(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
-        keys = [self.prefix + encode_group(g) for g in groups]
-        keys.append(self.current_key)
-        values = self.redis.mget(keys)
-        version = values.pop()
-        return values, None if version is None else int(version)
-
-    def cells(self, position: int, level: str) -> list[str]:
-        return self.store.cells_of(position, level)
-
-    def ping(self) -> bool:
-        return bool(self.redis.ping())
-
-    def close(self) -> None:
-        self.redis.close()
-
-
-class _StoreSource:
-    """Any other `StateStore` (the in-process MemoryStore): same records, no round trips."""
+class _Source:
+    """Cell records and the current model version from any `StateStore`: one pipelined round
+    trip against Redis, no round trip against an in-process store."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
@@ -341,30 +314,19 @@ class _StoreSource:
         return values[0], version
 
     def many(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
-        for g in groups:
-            encode_group(g)  # the same id checks as against Redis
-        version = self.store.current_model_version()  # type: ignore[attr-defined]
-        stats: GroupStats = self.store.get_many(groups)
-        return [stats.to_bytes_one(stats.index(g)) if g in stats else None for g in groups], version
+        return self.store.values_and_version(groups)
 
     def cells(self, position: int, level: str) -> list[str]:
-        encode_group(level)
-        cells_of = getattr(self.store, "cells_of", None)
-        if cells_of is None:
-            raise StoreError(f"{type(self.store).__name__} keeps no index of cells by level; "
-                             "several-term queries need one (MemoryStore and RedisStore do)")
-        return list(cells_of(position, level))
+        encode_group(level)  # the same id checks for every store
+        return list(self.store.cells_of(position, level))
 
     def ping(self) -> bool:
-        return True
+        return self.store.ping()
 
     def close(self) -> None:
-        pass
-
-
-def _connect(url: str, timeout: float) -> redis.Redis:
-    return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                health_check_interval=30)
+        client = getattr(self.store, "client", None)
+        if client is not None:
+            client.close()
 
 
 class Client:
@@ -389,24 +351,23 @@ class Client:
         is_url = isinstance(target, str) and target.startswith(_URL_SCHEMES)
         if isinstance(target, (str, os.PathLike)) and not is_url:
             target = load_config(Path(target))
-        if is_url or isinstance(target, redis.Redis):
+        if is_url or isinstance(target, (redis.Redis, RedisCluster)):
             if not namespace:
                 raise ValueError("a Redis URL or client needs namespace=..., the [redis] "
                                  "namespace of the model's configuration")
-            client = _connect(target, timeout) if is_url else target  # type: ignore[arg-type]
-            self._source: _RedisSource | _StoreSource = _RedisSource(client, namespace)
+            client = (redis_client(target, timeout=timeout) if is_url  # type: ignore[arg-type]
+                      else target)
+            self._source = _Source(RedisStore(client, namespace))  # type: ignore[arg-type]
         elif isinstance(target, Config):
             if target.redis is not None:
-                self._source = _RedisSource(_connect(target.redis.url, timeout),
-                                            target.redis.namespace)
+                r = target.redis
+                client = redis_client(r.url, cluster=r.cluster,
+                                      nodes=r.startup_nodes if r.cluster else (), timeout=timeout)
+                self._source = _Source(RedisStore(client, r.namespace))
             else:
-                from streamlme.stream.app import make_store
-
-                self._source = _StoreSource(make_store(target))
-        elif isinstance(target, RedisStore):
-            self._source = _RedisSource(target.client, target.namespace)
+                self._source = _Source(open_store(target))
         else:
-            self._source = _StoreSource(target)
+            self._source = _Source(target)
         self._kernel: _Kernel | None = None
         self._lock = threading.Lock()
 
@@ -533,18 +494,18 @@ class Client:
         """The current model record, or the stored ``version``."""
         if version is None:
             return self._kernel_for(self.current_version()).record
-        raw = self._source.store.get_model(version)  # type: ignore[attr-defined]
+        raw = self._source.store.get_model(version)
         if raw is None:
             raise ModelVersionNotFoundError(
                 f"model version {version} is not stored; stored versions: {self.model_versions()}")
         return ModelRecord.from_json(raw, version=version)
 
     def current_version(self) -> int | None:
-        return self._source.store.current_model_version()  # type: ignore[attr-defined]
+        return self._source.store.current_model_version()
 
     def model_versions(self) -> list[int]:
         """Stored model versions, oldest first."""
-        return self._source.store.model_versions()  # type: ignore[attr-defined]
+        return self._source.store.model_versions()
 
     def ping(self) -> bool:
         """True when the store answers (raises the store's connection error otherwise)."""
@@ -560,7 +521,7 @@ class Client:
             kernel = self._kernel
             if kernel is None or kernel.version != version:
                 store = self._source.store
-                raw = store.get_model(version)  # type: ignore[attr-defined]
+                raw = store.get_model(version)
                 if raw is None:
                     raise StoreError(
                         f"model version {version} is current but not stored; run "

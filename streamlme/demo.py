@@ -101,7 +101,8 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
 
     from streamlme.config import load_config
     from streamlme.refresh import RefreshSettings, current_model, read_stats, refresh_once
-    from streamlme.stream.app import close_store, make_ingestor, make_store, run_publish
+    from streamlme.store.connect import close_store, open_store
+    from streamlme.stream.app import make_ingestor, run_publish
 
     say = click.echo if echo else (lambda *_a, **_k: None)
     logging.getLogger("streamlme").setLevel(logging.WARNING)
@@ -119,7 +120,7 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
             f"the demo streams {SPEC.formula}; the configuration's model is {config.spec.formula}")
     if embedded:
         (out_dir / "state.npz").unlink(missing_ok=True)
-    store = make_store(config)
+    store = open_store(config)
     if not embedded:
         store.clear()
         say(f"publishing {len(train.los):,} events to {config.kafka.topic} ...")

@@ -423,7 +423,7 @@ def plot_command(kind: str, config_path: str | os.PathLike[str] | None,
     for the user; returns the path written.
     """
     from streamlme.config import load_config
-    from streamlme.stream.app import make_store
+    from streamlme.store.connect import open_store
 
     if kind not in KINDS:
         raise PlotError(f"unknown plot {kind!r}; choose one of {', '.join(KINDS)}")
@@ -431,7 +431,7 @@ def plot_command(kind: str, config_path: str | os.PathLike[str] | None,
     if config.redis is None and not config.store.snapshot:
         raise PlotError(f"{config.source}: embedded mode without store.snapshot keeps nothing "
                         "between commands, so there is nothing to plot; set [store] snapshot")
-    store = make_store(config)
+    store = open_store(config)
     try:
         fig = store_figure(kind, store, term=term, top=top)
     finally:

@@ -1,19 +1,10 @@
 """Consumer status in the store: what each ingest process did lately, for ``GET /v1/status``.
 
 Consumers run in other processes than the API, so each one publishes a small record after every
-batch it applies, and the API reads them back. Against Redis (namespace ``ns``):
-
-==================================  ======  ===================================================
-key                                 type    value
-==================================  ======  ===================================================
-``{ns}:consumers:<encoded id>``     hash    the consumer's record (`ConsumerStatus` fields);
-                                            expires `STATUS_TTL` s after its last batch
-``{ns}:consumers``                  zset    encoded consumer id -> last update (unix time)
-``{ns}:ingest``                     hash    ``events_applied``, ``events_rejected``: all-time
-                                            totals of every consumer (survive restarts)
-==================================  ======  ===================================================
-
-A `MemoryStore` keeps the same records beside itself in this process (the embedded demo).
+batch it applies, and the API reads them back, through the store's `write_status` and
+`read_status` (in Redis: ``{ns}:consumers:<id>`` records expiring `STATUS_TTL` s after their last
+batch, an index ``{ns}:consumers`` and all-time totals ``{ns}:ingest`` that survive restarts; a
+`MemoryStore` keeps them in this process).
 Publishing is best effort: a status that cannot be written is logged, never fails a batch.
 
 >>> from streamlme.store import MemoryStore
@@ -31,14 +22,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
-import weakref
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from streamlme.store.keys import Keys, decode_group, encode_group
+from streamlme.store.base import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +91,7 @@ def default_consumer_id() -> str:
 class StatusPublisher:
     """Publishes one consumer's record into ``store`` after each batch (`publish`)."""
 
-    def __init__(self, store: Any, consumer_id: str | None = None) -> None:
+    def __init__(self, store: StateStore, consumer_id: str | None = None) -> None:
         self.store = store
         self.consumer_id = consumer_id or default_consumer_id()
         self.started_at = time.time()
@@ -140,12 +129,12 @@ class StatusPublisher:
         self._published = (applied, rejected)
 
 
-def publish_status(store: Any, consumer_id: str, report: Any, lag: int | None) -> None:
+def publish_status(store: StateStore, consumer_id: str, report: Any, lag: int | None) -> None:
     """One-off `StatusPublisher.publish` (its rate then spans the time since this call)."""
     StatusPublisher(store, consumer_id).publish(report, lag)
 
 
-def read_status(store: Any, now: float | None = None) -> IngestStatus:
+def read_status(store: StateStore, now: float | None = None) -> IngestStatus:
     """The records of consumers alive in the last `STATUS_TTL` seconds, and their totals."""
     now = time.time() if now is None else now
     consumers, totals = _read(store, now)
@@ -161,81 +150,20 @@ def read_status(store: Any, now: float | None = None) -> IngestStatus:
     )
 
 
-# -- Redis, or a dict beside a MemoryStore ------------------------------------------------------
+# -- through the store ------------------------------------------------------------------------
 
 
-def _keys(store: Any) -> Keys | None:
-    """The store's Redis key names, or None for an in-process store."""
-    return getattr(store, "keys", None) if getattr(store, "client", None) is not None else None
-
-
-class _Beside:
-    """Records kept in this process for a store that is not Redis."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.records: dict[str, ConsumerStatus] = {}
-        self.totals = {"events_applied": 0, "events_rejected": 0}
-
-
-_BESIDE: weakref.WeakKeyDictionary[Any, _Beside] = weakref.WeakKeyDictionary()
-_BESIDE_LOCK = threading.Lock()
-
-
-def _beside(store: Any) -> _Beside:
-    with _BESIDE_LOCK:
-        if store not in _BESIDE:
-            _BESIDE[store] = _Beside()
-        return _BESIDE[store]
-
-
-def _write(store: Any, status: ConsumerStatus, delta: tuple[int, int]) -> None:
-    keys = _keys(store)
-    if keys is None:
-        beside = _beside(store)
-        with beside.lock:
-            beside.records[status.consumer] = status
-            beside.totals["events_applied"] += delta[0]
-            beside.totals["events_rejected"] += delta[1]
-        return
-    member = encode_group(status.consumer)
-    record = {k: v for k, v in asdict(status).items() if k != "consumer"}
+def _write(store: StateStore, status: ConsumerStatus, delta: tuple[int, int]) -> None:
+    record: dict[str, str | int | float] = {
+        k: v for k, v in asdict(status).items() if k != "consumer" and v is not None}
     record["lag"] = "" if status.lag is None else status.lag
-    pipe = store.client.pipeline(transaction=False)
-    pipe.hset(f"{keys.tag}:consumers:{member}", mapping=record)
-    pipe.pexpire(f"{keys.tag}:consumers:{member}", int(STATUS_TTL * 1000))
-    pipe.zadd(f"{keys.tag}:consumers", {member: status.updated_at})
-    pipe.zremrangebyscore(f"{keys.tag}:consumers", "-inf", f"({status.updated_at - STATUS_TTL}")
-    if delta[0]:
-        pipe.hincrby(f"{keys.tag}:ingest", "events_applied", delta[0])
-    if delta[1]:
-        pipe.hincrby(f"{keys.tag}:ingest", "events_rejected", delta[1])
-    pipe.execute()
+    store.write_status(status.consumer, record, STATUS_TTL,
+                       {"events_applied": delta[0], "events_rejected": delta[1]})
 
 
-def _read(store: Any, now: float) -> tuple[list[ConsumerStatus], dict[str, int]]:
-    keys = _keys(store)
-    if keys is None:
-        beside = _beside(store)
-        with beside.lock:
-            live = [s for s in beside.records.values() if now - s.updated_at <= STATUS_TTL]
-            return live, dict(beside.totals)
-    client = store.client
-    pipe = client.pipeline(transaction=False)
-    pipe.zrangebyscore(f"{keys.tag}:consumers", now - STATUS_TTL, "+inf")
-    pipe.hgetall(f"{keys.tag}:ingest")
-    members, raw_totals = pipe.execute()
-    totals = {k.decode(): int(v) for k, v in raw_totals.items()}
-    if not members:
-        return [], totals
-    pipe = client.pipeline(transaction=False)
-    for m in members:
-        pipe.hgetall(f"{keys.tag}:consumers:".encode() + m)
-    records = []
-    for m, h in zip(members, pipe.execute()):
-        if h:  # expired between the two reads
-            records.append(_parse(decode_group(m), {k.decode(): v.decode() for k, v in h.items()}))
-    return records, totals
+def _read(store: StateStore, now: float) -> tuple[list[ConsumerStatus], dict[str, int]]:
+    records, totals = store.read_status(now - STATUS_TTL)
+    return [_parse(consumer, h) for consumer, h in records.items()], totals
 
 
 def _parse(consumer: str, h: dict[str, str]) -> ConsumerStatus:

@@ -39,6 +39,20 @@ class CountingRedis(redis.Redis):
         self.commands.append(str(args[0]))
         return super().execute_command(*args, **options)
 
+    def pipeline(self, transaction: bool = True, shard_hint: object = None) -> Any:
+        """A pipeline whose execution is remembered as one round trip,
+        ``"PIPELINE:<command>,<command>,..."``."""
+        pipe = super().pipeline(transaction, shard_hint)
+        execute, commands = pipe.execute, self.commands
+
+        def counted(raise_on_error: bool = True) -> Any:
+            names = ",".join(str(args[0]) for args, _ in pipe.command_stack)
+            commands.append(f"PIPELINE:{names}")
+            return execute(raise_on_error)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
 
 def _answers(url: str, timeout: float = 0.5) -> bool:
     try:

@@ -28,7 +28,8 @@ from stream_helpers import (
 
 from streamlme.config import load_config
 from streamlme.estimate import fit
-from streamlme.stream.app import make_ingestor, make_store, run_consume, run_publish
+from streamlme.store.connect import open_store
+from streamlme.stream.app import make_ingestor, run_consume, run_publish
 from streamlme.stream.dlq import DeadLetterRecord
 from streamlme.stream.publish import send_events
 
@@ -55,7 +56,7 @@ def test_streaming_equals_batch(tmp_path, kafka_bootstrap, kafka_topic, redis_ur
     report = run_consume(config, until_idle=2.0)
     assert report.events_read == report.events_applied == 200_000
     assert report.events_rejected == 0 and report.batches_refused == 0
-    store = make_store(config)
+    store = open_store(config)
     assert store.n_groups() == 5_000
     streamed = read_all(store)
     assert_stats_equal(streamed, ev.batch_stats())
@@ -97,11 +98,11 @@ def test_rebalance_and_zombie(tmp_path, kafka_bootstrap, kafka_topic, redis_url,
                                     batch_max_events=2_000)
     messages = list(ev.messages())
     half = len(messages) // 2
-    store = make_store(config)
+    store = open_store(config)
 
     # The zombie: joins first and takes a batch of records; then it loses its partitions (its
     # membership ends, as after a long pause) while it still holds the batch in memory.
-    zombie = make_ingestor(config, make_store(config))
+    zombie = make_ingestor(config, open_store(config))
     zombie.batch_max_events = 10**9
     zombie.source.open(zombie._on_assigned, zombie._on_revoked)
     send_events(messages[:1000], topic, {"bootstrap_servers": kafka_bootstrap}, progress=False)
@@ -192,7 +193,7 @@ def test_bad_input_goes_to_dead_letters(tmp_path, kafka_bootstrap, kafka_topic, 
     ns = f"t-{uuid.uuid4().hex[:8]}"
     _, config = kafka_config(tmp_path, ev, kafka_bootstrap, topic, redis_url, ns,
                              batch_max_events=700)
-    store = make_store(config)
+    store = open_store(config)
     try:
         send_events(stream, topic, {"bootstrap_servers": kafka_bootstrap}, progress=False)
         report = run_consume(config, until_idle=1.5)

@@ -512,18 +512,27 @@ class RedisStore:
 
     def get_values(self, groups: Sequence[str]) -> list[bytes | None]:
         """The byte records of ``groups`` (None where unseen), one HMGET per shard, pipelined."""
+        return self.values_and_version(groups)[0]
+
+    def values_and_version(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
+        """`get_values` and the current model version, in one pipelined round trip (what a
+        query reads)."""
         by_shard: dict[int, list[int]] = {}
         fields = [encode_group(g) for g in groups]
         for i, g in enumerate(groups):
             by_shard.setdefault(self.shard_of(g), []).append(i)
         order = list(by_shard)
-        replies = self._pipeline([("HMGET", self.keys.shard(s).stats,
-                                   *[fields[i] for i in by_shard[s]]) for s in order])
+        commands: list[tuple[Any, ...]] = [
+            ("HMGET", self.keys.shard(s).stats, *[fields[i] for i in by_shard[s]]) for s in order]
+        *replies, version = self._pipeline([*commands, ("GET", self.keys.model_current)])
         values: list[bytes | None] = [None] * len(groups)
         for shard, got in zip(order, replies, strict=True):
             for i, v in zip(by_shard[shard], got, strict=True):
                 values[i] = v
-        return values
+        return values, None if version is None else int(version)
+
+    def ping(self) -> bool:
+        return bool(self._retrying(self.client.ping))
 
     def _stats(self, found: Sequence[tuple[str, bytes]]) -> GroupStats:
         if not found:

@@ -1,7 +1,5 @@
 """Wiring: from a `Config` to a running consumer or a finished publish (what the CLI calls).
 
-- `make_store(config)`: RedisStore when ``[redis]`` is configured, else the in-process
-  MemoryStore (loaded from ``store.snapshot`` if that file exists).
 - `run_consume(config, ...)`: Kafka when ``[kafka]`` is configured and no input file is given,
   else JSON lines from a file or stdin (embedded mode) — through the same decode, fold and merge.
 - `run_publish(config, path)`: rows of a CSV / JSON-lines file to the configured topic, keyed by
@@ -17,6 +15,7 @@ from typing import Any
 from streamlme.config import Config, ConfigError
 from streamlme.events import EventDecoder, RejectionLog
 from streamlme.store.base import StateStore
+from streamlme.store.connect import close_store, open_store
 from streamlme.stream.consumer import ConsumeReport, Ingestor
 from streamlme.stream.dlq import (
     DeadLetters,
@@ -34,36 +33,6 @@ EMBEDDED_MAX_MESSAGE_BYTES = 1 << 20
 #: Micro-batch limits of embedded mode.
 EMBEDDED_BATCH_EVENTS = 50_000
 EMBEDDED_BATCH_SECONDS = 1.0
-
-
-def make_store(config: Config) -> StateStore:
-    """The store the configuration names; Redis connections time out rather than hang."""
-    spec = config.spec
-    if config.redis is not None:
-        import redis
-
-        from streamlme.store.redis import RedisStore
-
-        client = redis.Redis.from_url(
-            config.redis.url, socket_timeout=30, socket_connect_timeout=5,
-            health_check_interval=30,
-        )
-        return RedisStore(client, config.redis.namespace, d=len(spec.columns),
-                          columns=spec.columns)
-    from streamlme.store.memory import MemoryStore
-
-    return MemoryStore(config.store.snapshot, d=len(spec.columns), columns=spec.columns)
-
-
-def close_store(config: Config, store: StateStore) -> None:
-    """Write the MemoryStore's snapshot, if one is configured; close connections."""
-    snapshot = config.store.snapshot
-    if config.redis is None and snapshot:
-        store.snapshot(snapshot)  # type: ignore[attr-defined]
-        log.info("snapshot written to %s", snapshot)
-    client = getattr(store, "client", None)
-    if client is not None:
-        client.close()
 
 
 def make_source(config: Config, input_path: str | None,
@@ -116,7 +85,7 @@ def run_consume(
     if dead_letters is not None and source is None:
         raise ConfigError([f"{config.source}: consume from Kafka sends refused events to "
                            "kafka.dead_letter_topic; --dead-letters is for --input FILE"])
-    store = make_store(config)
+    store = open_store(config)
     try:
         ingestor = make_ingestor(config, store, source, dead_letters)
         ingestor.install_signal_handlers()
