@@ -213,14 +213,17 @@ def publish(path: str, config_path: str, no_progress: bool) -> None:
               help="With --once: give up after waiting this long for the lease.")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve this process's Prometheus metrics at http://127.0.0.1:PORT/metrics.")
+@click.option("--dask", "dask_address", default=None, metavar="ADDRESS",
+              help="Fit on the Dask cluster of this scheduler (tcp://host:8786): its workers "
+                   "read the shards from Redis. Overrides [refresh] engine/dask_scheduler.")
 def refresh(config_path: str, once: bool, every: str | None, wait: str | None,
-            metrics_port: int | None) -> None:
+            metrics_port: int | None, dask_address: str | None) -> None:
     """Re-estimate the model from every group's statistics and write a new model version.
 
     Only the holder of the refresh lease writes; a second refresher waits as a standby. A fit
     that fails or does not converge never replaces the current model."""
     from streamlme.config import ConfigError, parse_duration
-    from streamlme.refresh import run_refresh
+    from streamlme.refresh import RefreshSettings, run_refresh
 
     if once and every:
         raise click.UsageError("--once and --every exclude each other")
@@ -232,7 +235,9 @@ def refresh(config_path: str, once: bool, every: str | None, wait: str | None,
         patience = parse_duration(wait) if wait else None
     except (ValueError, ConfigError) as exc:
         raise click.BadParameter(str(exc)) from exc
-    sys.exit(run_refresh(cfg, once=once, every=period, wait=patience))
+    settings = (RefreshSettings.from_config(cfg, engine="dask", dask_scheduler=dask_address)
+                if dask_address else None)
+    sys.exit(run_refresh(cfg, once=once, every=period, wait=patience, settings=settings))
 
 
 @main.command()
