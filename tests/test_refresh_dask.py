@@ -345,6 +345,23 @@ def test_the_dask_refresh_equals_the_local_refresh(redis_url, namespace, dask_ad
     assert on_dask.read_seconds > 0 and on_dask.fit_seconds > 0
 
 
+def test_the_dask_fit_reads_a_redis_cluster(redis_cluster, cluster_namespace, dask_client
+                                            ) -> None:
+    """Workers connect to the Cluster through the store's address (startup nodes), and read
+    the shards spread over its three masters."""
+    data = case_data("slope", groups=300)
+    store = RedisStore(redis_cluster.client(), cluster_namespace, columns=data.spec.columns,
+                       shards=32)
+    try:
+        assert store.merge(named(data.stats())).applied
+        loaded, got = dask_fit(dask_client, store, data.spec)
+    finally:
+        store.client.close()
+    want = fit(data.stats(), data.spec, ranef=False)
+    assert loaded.fingerprint == stats_fingerprint(named(data.stats()))
+    assert_same_fit(got.result, want, tolerance(data.stats(), data.spec, None, want))
+
+
 def test_both_engines_agree_that_nothing_changed(redis_url, namespace, dask_address) -> None:
     """The skip check compares the fingerprint of the current model's record: a model written
     by one engine is 'unchanged' to the other, until an event arrives."""
