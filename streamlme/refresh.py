@@ -264,9 +264,9 @@ def refresh_once(
     Errors of the store itself (a lost Redis connection) propagate; fit failures do not.
     """
     if isinstance(target, Config):
-        from streamlme.stream.app import close_store, make_store
+        from streamlme.store.connect import close_store, open_store
 
-        store = make_store(target)
+        store = open_store(target)
         try:
             return refresh_once(store, target.spec, settings or RefreshSettings.from_config(target),
                                 lease=lease, wait=wait)
@@ -474,12 +474,12 @@ def run_refresh(
     Store errors (Redis restarting) are logged and retried at the next tick; a clean stop
     returns 0.
     """
-    from streamlme.stream.app import close_store, make_store
+    from streamlme.store.connect import close_store, open_store
 
     stop = threading.Event() if stop is None else stop
     settings = settings or RefreshSettings.from_config(config)
     period = config.refresh.every if every is None else every
-    store = make_store(config)
+    store = open_store(config)
     lease = Lease(store, ttl=settings.lease_ttl)
     last: RefreshOutcome | None = None
     try:
@@ -586,9 +586,9 @@ def model_command(
     """
     import json
 
-    from streamlme.stream.app import close_store, make_store
+    from streamlme.store.connect import close_store, open_store
 
-    store = make_store(config)
+    store = open_store(config)
     try:
         if rollback_to is not None:
             try:

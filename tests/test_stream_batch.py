@@ -14,7 +14,8 @@ from stream_helpers import REPO, assert_stats_equal, make_events, read_all, writ
 from streamlme.config import load_config
 from streamlme.events import EventDecoder
 from streamlme.stats import GroupStats
-from streamlme.stream.app import make_store, run_consume
+from streamlme.store.connect import open_store
+from streamlme.stream.app import run_consume
 from streamlme.stream.batch import code_groups, fold
 from streamlme.stream.publish import csv_events, jsonl_events
 
@@ -90,7 +91,7 @@ def test_embedded_jsonl_into_memory_store_resumes(tmp_path) -> None:
     report = run_consume(config, source=str(path))
     assert report.events_applied == 20_000
     assert report.rejected == {"non_numeric": 1, "invalid_json": 1}
-    assert_stats_equal(read_all(make_store(config)), ev.batch_stats())
+    assert_stats_equal(read_all(open_store(config)), ev.batch_stats())
     # the process's Prometheus metrics (what `consume --metrics-port` serves) saw the same
     assert _sample("streamlme_events_ingested_total") - ingested == 20_000
     after = _dead_lettered()
@@ -99,7 +100,7 @@ def test_embedded_jsonl_into_memory_store_resumes(tmp_path) -> None:
 
     again = run_consume(config, source=str(path))
     assert again.events_read == 0 and again.events_applied == 0
-    assert_stats_equal(read_all(make_store(config)), ev.batch_stats())
+    assert_stats_equal(read_all(open_store(config)), ev.batch_stats())
 
 
 def test_embedded_stdin_through_the_module_entry(tmp_path) -> None:
@@ -115,7 +116,7 @@ def test_embedded_stdin_through_the_module_entry(tmp_path) -> None:
         )
     report = json.loads(out.stdout)
     assert report["events_applied"] == 2_000 and report["events_rejected"] == 0
-    assert_stats_equal(read_all(make_store(load_config(cfg))), ev.batch_stats())
+    assert_stats_equal(read_all(open_store(load_config(cfg))), ev.batch_stats())
 
 
 def test_consume_without_kafka_or_input_says_what_to_do(tmp_path) -> None:

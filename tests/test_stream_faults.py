@@ -17,7 +17,7 @@ from stream_helpers import (
 )
 
 from streamlme.config import load_config
-from streamlme.stream.app import make_store
+from streamlme.store.connect import open_store
 from streamlme.stream.publish import send_events
 
 
@@ -39,7 +39,7 @@ def test_kill_9_at_random_moments_loses_nothing(tmp_path, kafka_bootstrap, kafka
                               "group_id": f"g-{topic}", "batch_max_events": 4_000,
                               "batch_max_seconds": 0.2},
                        redis={"url": redis_url, "namespace": namespace})
-    store = make_store(load_config(cfg))
+    store = open_store(load_config(cfg))
     send_events(ev.messages(), topic, {"bootstrap_servers": kafka_bootstrap}, progress=False)
     rng = random.Random(21)
     targets = sorted(rng.uniform(0.05, 0.9) * len(ev) for _ in range(5))
@@ -71,7 +71,7 @@ def test_redis_restart_mid_stream(tmp_path, kafka_bootstrap, kafka_topic,
                               "group_id": f"g-{topic}", "batch_max_events": 5_000,
                               "batch_max_seconds": 0.2},
                        redis={"url": server.url, "namespace": "restart"})
-    store = make_store(load_config(cfg))
+    store = open_store(load_config(cfg))
     messages = list(ev.messages())
     half = len(messages) // 2
     send_events(messages[:half], topic, {"bootstrap_servers": kafka_bootstrap}, progress=False)

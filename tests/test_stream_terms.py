@@ -32,7 +32,8 @@ from streamlme.estimate.result import FitResult
 from streamlme.events import EventDecoder
 from streamlme.refresh import current_model, refresh_once
 from streamlme.spec import ModelSpec
-from streamlme.stream.app import make_store, run_consume, run_publish
+from streamlme.store.connect import open_store
+from streamlme.stream.app import run_consume, run_publish
 from streamlme.stream.batch import fold
 from streamlme.stream.dlq import DeadLetterRecord
 from streamlme.stream.publish import csv_events, send_events, spec_columns
@@ -140,7 +141,7 @@ def test_crossed_model_streamed_into_redis_equals_the_batch_fit(
     report = run_consume(config, until_idle=2.0)
     assert report.events_read == report.events_applied == 12_000 and report.events_rejected == 0
 
-    store = make_store(config)
+    store = open_store(config)
     want = frame_stats(first, CROSSED)
     assert store.n_groups() == len(want) and len(want) > 4_000  # cells, not levels
     assert all(k.startswith('["') for k in want.keys)
@@ -214,7 +215,7 @@ def test_nested_model_with_a_categorical_dead_letters_unknown_levels(
         bad[4][1]: "bad_group: d: empty",
     }
 
-    store = make_store(config)
+    store = open_store(config)
     assert_stats_equal(read_all(store), frame_stats(frame, NESTED))
     outcome = refresh_once(config)
     assert outcome.status == "written", outcome.message
@@ -236,10 +237,10 @@ def test_embedded_consume_and_refresh_of_a_crossed_model(tmp_path) -> None:
     config = load_config(cfg, env={})
     report = run_consume(config, source=str(path))
     assert report.events_applied == 5_000 and report.rejected == {"missing_column": 1}
-    store = make_store(config)
+    store = open_store(config)
     assert_stats_equal(read_all(store), frame_stats(frame, CROSSED))
     assert refresh_once(config).status == "written"
-    record = current_model(make_store(config))
+    record = current_model(open_store(config))
     assert record is not None
     assert_model_equals(record.fit, batch_fit(frame, CROSSED))
 

@@ -194,6 +194,8 @@ class RedisStore:
         self.retry_seconds = retry_seconds
         self._new_shards = shards or DEFAULT_SHARDS
         self._shards: int | None = None  # as the namespace records it, once read
+        #: Commands retried through redirections or lost connections so far (for reports).
+        self.retries = 0
         self._merge = Script.of("merge.lua")
         self._models = client.register_script(_lua("models.lua"))
         if self._d is not None or self.columns is not None:
@@ -214,6 +216,7 @@ class RedisStore:
             except REDIRECTIONS:
                 if time.monotonic() + delay > deadline:
                     raise
+                self.retries += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 1.0)
                 if self.is_cluster:
@@ -470,6 +473,7 @@ class RedisStore:
                 raise RedisConnectionError(
                     f"{len(todo)} of {len(commands)} commands to Redis did not get through in "
                     f"{self.retry_seconds:g}s (cluster redirections or a lost connection)")
+            self.retries += 1
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
             if self.is_cluster:
