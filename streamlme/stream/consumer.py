@@ -1,25 +1,32 @@
-"""The ingest loop: poll -> decode -> dead-letter -> fold -> store.merge (with offsets) -> commit.
+"""The ingest loop: poll -> decode -> dead-letter -> fold -> store.merge_shards -> commit.
 
-Exactly once rests on one fact: the store records, atomically with each batch's statistics, the
-next offset of every partition in the batch, and refuses a batch that does not start where the
-record ends. So the loop
+Exactly once rests on one fact: each shard of the store records, atomically with its part of
+each batch, the next offset of every partition in the batch, and refuses a part that does not
+start where that shard's record ends. So the loop
 
-- seeks every newly assigned partition to the store's recorded offset (Kafka's committed offset
-  or the earliest one only when the store has no record);
-- covers *every* polled record, good or bad, by the batch's offset ranges, so nothing is
-  re-processed once applied;
-- flushes the batch's dead letters *before* the merge (a crash may duplicate a dead letter, never
-  lose one);
+- on (re)assignment reads every shard's recorded offset of its partitions and seeks each
+  partition to the lowest (Kafka's committed offset or the earliest one only when no shard has
+  a record), and folds an event into a shard only when the event's offset is at or past that
+  shard's record (`_Positions`);
+- before a partition's first batch, records its start in every shard (offsets only), so that
+  no shard is ever without a record once any shard holds statistics of it;
+- splits each batch by shard and applies every shard's part with one script call, pipelined;
+  shards the batch does not touch get offsets-only calls at least every `sync_seconds`, so
+  that a restart does not replay far;
+- covers *every* polled record, good or bad, by the parts' offset ranges;
+- flushes the batch's dead letters *before* the merge (a crash may duplicate a dead letter,
+  never lose one);
 - commits to Kafka only after the merge; a failed commit is harmless (logged), since the store,
   not Kafka, is where a restart resumes;
-- on a refused merge (another consumer owns the partition now, or this one is replaying) drops
-  the batch and seeks back to the store's offsets;
-- on a Redis failure during a merge, whose outcome is then unknown, retries the same merge with
-  capped exponential backoff: if the first attempt did land, the retry is refused with the
-  recorded offsets equal to the batch's end, which the loop recognises as "already applied".
+- on a refused shard call re-reads that shard's offsets: if the shard is ahead (a retry whose
+  first attempt landed, a zombie's partition taken over), re-folds only the events past its
+  record and applies them; if it is behind the part's start (a failover lost acknowledged
+  writes), drops that part and seeks the partition back so Kafka replays what it lost;
+- on a Redis failure during a merge, whose outcome is then unknown, retries the same parts with
+  capped exponential backoff (the refusal rule above sorts out which had landed).
 
-Pending records of partitions that are revoked are dropped; their new owner reads them again from
-the store's offsets.
+docs/operations.md gives the argument, including a crash between two shard calls. Pending
+records of partitions that are revoked are dropped; their new owner reads them again.
 """
 
 from __future__ import annotations
@@ -36,8 +43,10 @@ import numpy as np
 
 from streamlme.events import Rejection
 from streamlme.metrics import CONSUMER_LAG, EVENTS_DEAD_LETTERED, EVENTS_INGESTED
+from streamlme.stats import GroupStats
 from streamlme.status import StatusPublisher
-from streamlme.store.base import MergeResult, OffsetRange, StateStore
+from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, StateStore
+from streamlme.store.shards import shard_ids
 from streamlme.stream.batch import fold
 from streamlme.stream.dlq import RETRACT_EXCEEDS_GROUP, DeadLetterError, DeadLetters
 from streamlme.stream.source import TP, Source
@@ -122,6 +131,7 @@ class Ingestor:
         on_rejection: Callable[[list[Rejection]], None] | None = None,
         backoff: Backoff | None = None,
         status: StatusPublisher | None = None,
+        sync_seconds: float = 2.0,
     ) -> None:
         self.source = source
         self.store = store
@@ -137,8 +147,12 @@ class Ingestor:
         self.status = status or StatusPublisher(store)
         self._stop = threading.Event()
         self._transient = transient_errors()
-        # Next offset per partition as the store recorded it; absent = store has no record.
-        self._expected: dict[TP, int] = {}
+        # Per partition, each shard's next offset as the store recorded it.
+        self._positions = _Positions()
+        self.sync_seconds = sync_seconds
+        self._synced_at = 0.0
+        # Per partition, (first, end) of what this consumer has read without a jump.
+        self._read: dict[TP, tuple[int, int]] = {}
         self._pending: dict[TP, list[Any]] = {}
         self._n_pending = 0
         self._ever_assigned = False
@@ -162,28 +176,26 @@ class Ingestor:
         self._assigned_at = time.monotonic()
         for topic in {tp[0] for tp in tps}:
             try:
-                recorded = self.store.offsets(topic)
+                recorded = self.store.shard_offsets(topic)
             except self._transient as exc:
                 # The first merge will be refused and seek to the store's offsets then.
                 log.warning("cannot read offsets of %s from the store (%s); resuming from "
                             "Kafka's committed offsets until the store answers", topic, exc)
                 continue
             for tp in tps:
-                if tp[0] != topic:
-                    continue
-                if tp[1] in recorded:
-                    self._expected[tp] = recorded[tp[1]]
-                    if self.source.replayable:
-                        self.source.seek(tp, recorded[tp[1]])
-                else:
-                    self._expected.pop(tp, None)
+                if tp[0] == topic:
+                    self._read.pop(tp, None)
+                    self._positions.load(tp, recorded)
+                    if tp in self._positions and self.source.replayable:
+                        self.source.seek(tp, self._positions.resume(tp))
         log.info("assigned %s", sorted(tps))
 
     def _on_revoked(self, tps: list[TP]) -> None:
         dropped = 0
         for tp in tps:
             dropped += len(self._pending.pop(tp, ()))
-            self._expected.pop(tp, None)
+            self._positions.forget(tp)
+            self._read.pop(tp, None)
         self._n_pending -= dropped
         if dropped:
             log.info("dropped %d pending records of revoked partitions; their new owner "
@@ -194,6 +206,7 @@ class Ingestor:
     def run(self, max_events: int | None = None, until_idle: float | None = None) -> ConsumeReport:
         """Consume until stopped, ``max_events`` read, ``until_idle`` s idle, or input ends."""
         start = time.monotonic()
+        store_retries = getattr(self.store, "retries", 0)  # retries inside the store
         self.source.open(self._on_assigned, self._on_revoked)
         last_record = start
         batch_started = None
@@ -226,13 +239,17 @@ class Ingestor:
                     batch_started = None
                 if self.source.exhausted() and not self._n_pending:
                     break
+                if not self._n_pending:
+                    self._sync()
                 if until_idle is not None and self._idle_for(now, last_record) >= until_idle:
                     break
             self._flush()
+            self._sync(force=True)
         except StoppedError:
             log.warning("stopped while a service was away; the unfinished batch is dropped and "
                         "will be read again from the store's offsets")
         finally:
+            self.report.reconnects += getattr(self.store, "retries", 0) - store_retries
             self.report.lag = self._lag()
             self.source.close()
             self.dead_letters.close()
@@ -287,61 +304,191 @@ class Ingestor:
         pending, self._pending, self._n_pending = self._pending, {}, 0
         rejected_before = dict(self.dead_letters.counts)
         tps = [tp for tp, recs in pending.items() if recs]
-        values: list[bytes] = []
-        for tp in tps:
-            values.extend(r.value for r in pending[tp])
-        bounds = np.cumsum([len(pending[tp]) for tp in tps])
-
-        def locate(i: int) -> tuple[TP, Any]:
-            j = int(np.searchsorted(bounds, i, side="right"))
-            return tps[j], pending[tps[j]][i - (int(bounds[j - 1]) if j else 0)]
+        records = [r for tp in tps for r in pending[tp]]
+        values = [r.value for r in records]
+        tp_of = np.repeat(np.arange(len(tps)), [len(pending[tp]) for tp in tps])
 
         decoded = self.decoder.decode(values)
         for rejection in decoded.rejections:
-            tp, rec = locate(rejection.index)
-            self._dead_letter(rejection.reason, tp, rec)
+            self._dead_letter(rejection.reason, tps[tp_of[rejection.index]],
+                              records[rejection.index])
         if decoded.rejections and self.on_rejection is not None:
             self.on_rejection(decoded.rejections)
-        delta = fold(decoded.groups, decoded.W, decoded.weights, decoded.ts, decoded.retract,
-                     self.half_life)
         self._retry("sending dead letters", self.dead_letters.flush)
+        self.report.events_read += len(values)
 
-        offsets: dict[TP, OffsetRange] = {}
+        ranges: dict[TP, OffsetRange] = {}
         if self.source.replayable:
             for tp in tps:
-                first, last = pending[tp][0].offset, pending[tp][-1].offset
-                offsets[tp] = OffsetRange(self._expected.get(tp, first), last + 1)
-
-        result = self._retry(
-            "merging into the store",
-            lambda: self.store.merge(delta.adds, delta.retracts, offsets, self.half_life),
-        )
-        self.report.events_read += len(values)
-        if not result.applied and not self._landed_earlier(result, offsets):
-            self._refused(result, offsets)
-            return
+                ranges[tp] = OffsetRange(pending[tp][0].offset, pending[tp][-1].offset + 1)
+            self._record_starts(ranges)
+        batch = _Batch(decoded, tp_of[decoded.index] if len(decoded) else np.zeros(0, np.intp),
+                       np.array([r.offset for r in records], dtype=np.int64)[decoded.index]
+                       if len(decoded) else np.zeros(0, np.int64),
+                       shard_ids(decoded.groups, self.store.n_shards), tps, ranges)
+        for tp, rng in ranges.items():
+            if self._read.get(tp, (None, None))[1] != rng.start:
+                self._read[tp] = (rng.start, rng.end)  # read afresh from here (a seek)
+            else:
+                self._read[tp] = (self._read[tp][0], rng.end)
+        applied, refused = self._apply(batch)
         self.report.batches += 1
-        self.report.groups_touched += len(delta.adds) + (len(delta.retracts or ()))
-        overdrawn = set(result.overdrawn)
-        refused: list[Rejection] = []
-        if overdrawn:
-            for row, group in zip(delta.retract_rows, delta.retract_groups, strict=True):
-                if group in overdrawn:
-                    position = int(decoded.index[row])
-                    tp, rec = locate(position)
-                    self._dead_letter(RETRACT_EXCEEDS_GROUP, tp, rec)
-                    refused.append(Rejection(position, RETRACT_EXCEEDS_GROUP))
-            self._retry("sending dead letters", self.dead_letters.flush)
-            if self.on_rejection is not None:
-                self.on_rejection(refused)
-        self.report.events_applied += len(decoded.groups) - len(refused)
-        for tp, rng in offsets.items():
-            self._expected[tp] = rng.end
-        if offsets:
-            self._commit({tp: rng.end for tp, rng in offsets.items()})
+        self.report.events_applied += applied - len(refused)
+        self._dead_letter_overdrawn(refused, batch, records, tp_of)
+        self._sync()
+        if ranges:
+            self._commit({tp: self._positions.resume(tp) for tp in ranges
+                          if tp in self._positions})
         self.report.rejected = dict(self.dead_letters.counts)
         self.status.publish(self.report, self._lag())
-        self._record_metrics(len(decoded.groups) - len(refused), rejected_before)
+        self._record_metrics(applied - len(refused), rejected_before)
+
+    def _sync(self, force: bool = False) -> None:
+        """Move the records of shards that recent batches did not touch up to the end of what
+        this consumer has read (offsets-only calls), at most every `sync_seconds`.
+
+        A shard's record may move from p to the end e of this consumer's contiguous reading
+        when p is within it: every event of [p, e) went through a batch, and none was the
+        shard's, or its part would have moved the record past it.
+        """
+        if not self._read or not (force or time.monotonic() - self._synced_at
+                                  >= self.sync_seconds):
+            return
+        self._synced_at = time.monotonic()
+        parts: dict[int, ShardBatch] = {}
+        for shard in range(self.store.n_shards):
+            offsets = {}
+            for tp, (first, end) in self._read.items():
+                at = self._positions.get(tp, shard, first)
+                if tp in self._positions and first <= at < end:
+                    offsets[tp] = OffsetRange(at, end)
+            if offsets:
+                parts[shard] = ShardBatch(_EMPTY, None, offsets)
+        if not parts:
+            return
+        results = self._retry("recording offsets",
+                              lambda: self.store.merge_shards(parts, self.half_life))
+        for shard, result in results.items():
+            if result.applied:
+                for tp, rng in parts[shard].offsets.items():
+                    self._positions.set(tp, shard, rng.end)
+
+    def _record_starts(self, ranges: Mapping[TP, OffsetRange]) -> None:
+        """Before a partition's first batch, record its start in every shard (offsets only)."""
+        new = {tp: OffsetRange(r.start, r.start) for tp, r in ranges.items()
+               if tp not in self._positions}
+        if not new:
+            return
+        parts = {s: ShardBatch(_EMPTY, None, new) for s in range(self.store.n_shards)}
+        results = self._retry("recording offsets",
+                              lambda: self.store.merge_shards(parts, self.half_life))
+        for shard, result in results.items():
+            for tp, rng in new.items():
+                # refused: another consumer got there first; its record is the shard's truth
+                self._positions.set(tp, shard, result.conflicts.get(tp, rng.start))
+
+    def _apply(self, batch: _Batch) -> tuple[int, list[int]]:
+        """Merge every shard's part; returns the events applied and the decoded rows whose
+        retraction was refused as overdrawn."""
+        todo = {int(s): self._part(batch, int(s)) for s in np.unique(batch.shards).tolist()}
+        todo = {s: p for s, p in todo.items() if p is not None}
+        # a batch the store held (part of) already: a replay, a retry, or a zombie's
+        refused = sum(len(p.rows) for p in todo.values()) < len(batch.shards)
+        applied = 0
+        overdrawn_rows: list[int] = []
+        for _attempt in range(5):
+            if not todo:
+                break
+            parts = {s: p.batch for s, p in todo.items()}
+            results = self._retry("merging into the store",
+                                  lambda parts=parts: self.store.merge_shards(parts,
+                                                                              self.half_life))
+            again: dict[int, _Part] = {}
+            for shard, result in results.items():
+                part = todo[shard]
+                if result.applied or part.landed_earlier(result):
+                    for tp, rng in part.batch.offsets.items():
+                        self._positions.set(tp, shard, rng.end)
+                    applied += len(part.rows)
+                    self.report.groups_touched += len(part.batch.adds) + len(
+                        part.batch.retracts if part.batch.retracts is not None else ())
+                    overdrawn = set(result.overdrawn)
+                    overdrawn_rows += [r for r, g in zip(part.retract_rows, part.retract_groups,
+                                                         strict=True) if g in overdrawn]
+                    continue
+                refused = True
+                retry = self._refused(batch, shard, result)
+                if retry is not None:
+                    again[shard] = retry
+            todo = again
+        self.report.batches_refused += refused
+        if todo:
+            log.warning("shards %s refused the batch five times; their part is dropped and "
+                        "read again from their offsets", sorted(todo))
+            for tp in batch.ranges:
+                self._seek_back(tp)
+        return applied, overdrawn_rows
+
+    def _part(self, batch: _Batch, shard: int) -> _Part | None:
+        """Shard ``shard``'s part: its events at or past its record, and offset ranges from its
+        record to the batch's end (None when the shard is past the whole batch)."""
+        offsets: dict[TP, OffsetRange] = {}
+        for tp, rng in batch.ranges.items():
+            start = self._positions.get(tp, shard, rng.start)
+            if start < rng.end:
+                offsets[tp] = OffsetRange(start, rng.end)
+        rows = np.flatnonzero(batch.shards == shard)
+        if batch.ranges:
+            floor = np.array([offsets[tp].start if tp in offsets else np.iinfo(np.int64).max
+                              for tp in batch.tps], dtype=np.int64)
+            rows = rows[batch.offsets[rows] >= floor[batch.tp_of[rows]]]
+        if not len(rows) and not offsets:
+            return None
+        d = batch.decoded
+        delta = fold([d.groups[i] for i in rows.tolist()], d.W[rows], d.weights[rows],
+                     d.ts[rows], d.retract[rows], self.half_life)
+        return _Part(ShardBatch(delta.adds, delta.retracts, offsets), rows,
+                     rows[delta.retract_rows].tolist(), delta.retract_groups)
+
+    def _refused(self, batch: _Batch, shard: int, result: MergeResult) -> _Part | None:
+        """After shard ``shard`` refused its part: re-read its offsets and return the part to
+        apply now, or None (nothing of this batch is left for it, or Kafka must replay)."""
+        for topic in {tp[0] for tp in batch.ranges}:
+            recorded = self._retry("reading offsets", lambda t=topic: self.store.shard_offsets(t))
+            for tp, rng in batch.ranges.items():
+                if tp[0] != topic:
+                    continue
+                have = recorded.get(shard, {}).get(tp[1])
+                expected = self._positions.get(tp, shard, rng.start)
+                if have is None or have < expected:
+                    log.warning("shard %d holds offset %s of %s:%d, behind the %d it had "
+                                "applied (a failover lost acknowledged writes); replaying "
+                                "from Kafka", shard, have, tp[0], tp[1], expected)
+                    self._positions.set(tp, shard, have if have is not None else rng.start)
+                    self._seek_back(tp)
+                    return None
+                self._positions.set(tp, shard, have)
+        log.info("shard %d was ahead of this consumer (%s); applying only what it lacks",
+                 shard, result.conflicts)
+        return self._part(batch, shard)
+
+    def _seek_back(self, tp: TP) -> None:
+        self._read.pop(tp, None)
+        if tp in self._positions and tp in self.source.assignment():
+            self.source.seek(tp, self._positions.resume(tp))
+
+    def _dead_letter_overdrawn(self, rows: list[int], batch: _Batch, records: list[Any],
+                               tp_of: np.ndarray) -> None:
+        if not rows:
+            return
+        refused: list[Rejection] = []
+        for row in rows:
+            position = int(batch.decoded.index[row])
+            self._dead_letter(RETRACT_EXCEEDS_GROUP, batch.tps[tp_of[position]], records[position])
+            refused.append(Rejection(position, RETRACT_EXCEEDS_GROUP))
+        self._retry("sending dead letters", self.dead_letters.flush)
+        if self.on_rejection is not None:
+            self.on_rejection(refused)
 
     def _record_metrics(self, applied: int, rejected_before: Mapping[str, int]) -> None:
         """This batch into the process's Prometheus metrics (`streamlme.metrics`)."""
@@ -357,31 +504,6 @@ class Ingestor:
         value = rec.value if rec.value is not None else b""
         self.dead_letters.add(reason, tp[0], tp[1], rec.offset, rec.key, value)
 
-    @staticmethod
-    def _landed_earlier(result: MergeResult, offsets: Mapping[TP, OffsetRange]) -> bool:
-        """A retried merge refused only because its first attempt did apply."""
-        return bool(result.conflicts) and all(
-            tp in offsets and recorded == offsets[tp].end
-            for tp, recorded in result.conflicts.items()
-        ) and len(result.conflicts) == len(offsets)
-
-    def _refused(self, result: MergeResult, offsets: Mapping[TP, OffsetRange]) -> None:
-        self.report.batches_refused += 1
-        log.warning("store refused a batch (recorded offsets %s differ from the batch's start); "
-                    "dropping it and resuming from the store's offsets", result.conflicts)
-        owned = self.source.assignment()
-        for topic in {tp[0] for tp in offsets}:
-            recorded = self._retry("reading offsets", lambda t=topic: self.store.offsets(t))
-            for tp, rng in offsets.items():
-                if tp[0] != topic:
-                    continue
-                if tp[1] in recorded:
-                    self._expected[tp] = recorded[tp[1]]
-                else:
-                    self._expected.pop(tp, None)
-                if tp in owned:
-                    self.source.seek(tp, recorded.get(tp[1], rng.start))
-
     def _commit(self, offsets: dict[TP, int]) -> None:
         try:
             self.source.commit(offsets)
@@ -389,3 +511,73 @@ class Ingestor:
             self.report.commit_failures += 1
             log.warning("Kafka commit failed after a successful merge (harmless, the store "
                         "holds the offsets): %s", exc)
+
+
+_EMPTY = GroupStats.empty(0)
+
+
+class _Positions:
+    """Per assigned partition, each shard's next offset to read as the shard recorded it.
+
+    A shard without a record of a partition that others have recorded has applied none of its
+    events (the consumer records a partition's start in every shard before its first batch),
+    so it counts from the lowest record.
+    """
+
+    def __init__(self) -> None:
+        self._by_tp: dict[TP, dict[int, int]] = {}
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self._by_tp
+
+    def load(self, tp: TP, recorded: Mapping[int, Mapping[int, int]]) -> None:
+        mine = {s: per[tp[1]] for s, per in recorded.items() if tp[1] in per}
+        if mine:
+            self._by_tp[tp] = mine
+        else:
+            self._by_tp.pop(tp, None)
+
+    def forget(self, tp: TP) -> None:
+        self._by_tp.pop(tp, None)
+
+    def get(self, tp: TP, shard: int, default: int) -> int:
+        per = self._by_tp.get(tp)
+        if not per:
+            return default
+        return per.get(shard, min(per.values()))
+
+    def set(self, tp: TP, shard: int, offset: int) -> None:
+        self._by_tp.setdefault(tp, {})[shard] = int(offset)
+
+    def resume(self, tp: TP) -> int:
+        """Where reading ``tp`` must resume: the lowest shard record."""
+        return min(self._by_tp[tp].values())
+
+
+@dataclass
+class _Batch:
+    """A decoded micro-batch with, per decoded row, its partition, offset and shard."""
+
+    decoded: Any
+    tp_of: np.ndarray
+    offsets: np.ndarray
+    shards: np.ndarray
+    tps: list[TP]
+    ranges: dict[TP, OffsetRange]
+
+
+@dataclass
+class _Part:
+    """One shard's part of a batch, and the decoded rows it carries."""
+
+    batch: ShardBatch
+    rows: np.ndarray
+    retract_rows: list[int]
+    retract_groups: list[str]
+
+    def landed_earlier(self, result: MergeResult) -> bool:
+        """Refused only because a first attempt of this very call did apply (a retry)."""
+        offsets = self.batch.offsets
+        return bool(result.conflicts) and len(result.conflicts) == len(offsets) and all(
+            tp in offsets and recorded == offsets[tp].end and offsets[tp].end > offsets[tp].start
+            for tp, recorded in result.conflicts.items())
