@@ -289,6 +289,42 @@ def effect(groups: tuple[str, ...], config_path: str, as_json: bool, term: str |
         click.echo(line)
 
 
+@main.group()
+def store() -> None:
+    """The state store's layout."""
+
+
+@store.command("migrate")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="The configuration whose [redis] namespace to migrate.")
+def store_migrate(config_path: str) -> None:
+    """Move a namespace of streamlme 0.1 (one Redis slot) to the sharded layout, in place.
+
+    Stop the consumers first; a stopped migration can be run again. Prints a JSON report.
+    Example: streamlme store migrate --config streamlme.toml
+    """
+    from streamlme.store.connect import redis_client
+    from streamlme.store.errors import StoreError
+    from streamlme.store.migrate import migrate
+    from streamlme.store.redis import RedisStore
+
+    cfg = _load(config_path)
+    if cfg.redis is None:
+        click.echo(f"{cfg.source}: redis: not configured; the in-process store has no layout "
+                   "to migrate", err=True)
+        sys.exit(2)
+    r = cfg.redis
+    client = redis_client(r.url, cluster=r.cluster, nodes=r.startup_nodes if r.cluster else ())
+    try:
+        report = migrate(RedisStore(client, r.namespace, shards=r.shards))
+    except StoreError as exc:
+        click.echo(f"store migrate: {exc}", err=True)
+        sys.exit(1)
+    finally:
+        client.close()
+    emit_json(report.__dict__)
+
+
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def serve(config_path: str) -> None:

@@ -260,6 +260,10 @@ class RedisStore:
                 "`streamlme store migrate --config FILE` to move it to the sharded layout "
                 "(nothing was read or written)"
             )
+        if "migrating" in meta:
+            raise LegacyLayoutError(
+                f"namespace {self.namespace!r} is being migrated to the sharded layout; wait "
+                "for `streamlme store migrate` to finish (or run it again if it stopped)")
         return int(meta["shards"]) if "shards" in meta else None
 
     def _create(self) -> int:
