@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,18 +39,22 @@ WEIRD_IDS = [
 ]
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def make_store(request: pytest.FixtureRequest, namespace: str) -> Iterator[MakeStore]:
-    """Makes fresh, empty stores of the parametrised kind (each Redis one its own namespace)."""
+    """Makes fresh, empty stores of the parametrised kind (each Redis one its own namespace;
+    "cluster" is a real local Redis Cluster of 3 masters and 3 replicas)."""
     if request.param == "memory":
         yield lambda **kw: MemoryStore(**kw)
         return
-    url = request.getfixturevalue("redis_url")
+    if request.param == "cluster":
+        client = request.getfixturevalue("redis_cluster").client()
+    else:
+        client = redis.Redis.from_url(request.getfixturevalue("redis_url"))
     counter = itertools.count()
     made: list[RedisStore] = []
 
     def make(**kw: object) -> RedisStore:
-        store = RedisStore(url, f"{namespace}-{next(counter)}", **kw)  # type: ignore[arg-type]
+        store = RedisStore(client, f"{namespace}-{next(counter)}", **kw)  # type: ignore[arg-type]
         made.append(store)
         return store
 

@@ -100,8 +100,7 @@ def redis_client(url: str, *, cluster: bool = False,
         common["ssl"] = True
     return RedisCluster(
         startup_nodes=[ClusterNode(host, port) for host, port in startup],
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6),
-        cluster_error_retry_attempts=6, **common)
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 6), **common)
 
 
 def open_store(config: Config) -> StateStore:

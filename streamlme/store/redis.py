@@ -213,8 +213,10 @@ class RedisStore:
         while True:
             try:
                 return fn()
-            except REDIRECTIONS:
+            except REDIRECTIONS as exc:
                 if time.monotonic() + delay > deadline:
+                    if isinstance(exc, RedisClusterException):  # not a RedisError: make it one
+                        raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
                     raise
                 self.retries += 1
                 time.sleep(delay)
