@@ -28,6 +28,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -55,6 +56,23 @@ def _missing_binaries() -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def cluster_ports(n: int) -> list[int]:
+    """``n`` free ports for cluster nodes: each node's bus listens on port + 10000, so that one
+    must be free too (and so at most 55535), and no port may be another's bus port."""
+    ports: list[int] = []
+    while len(ports) < n:
+        port = free_port()
+        if port > 55535 or port in ports or port + 10000 in ports or port - 10000 in ports:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
 
 
 def _split(name: str) -> tuple[str, int]:
@@ -118,8 +136,9 @@ class RedisClusterHandle:
 
     fault_tools = False
 
-    def __init__(self, startup_nodes: Iterable[str]) -> None:
+    def __init__(self, startup_nodes: Iterable[str], password: str | None = None) -> None:
         self._startup = list(startup_nodes)
+        self.password = password
 
     # ---- addresses ---------------------------------------------------------------------
     @property
@@ -143,19 +162,20 @@ class RedisClusterHandle:
         nodes = [ClusterNode(*_split(n)) for n in self.startup_nodes]
         kwargs.setdefault("socket_timeout", 5.0)
         kwargs.setdefault("socket_connect_timeout", 2.0)
+        kwargs.setdefault("password", self.password)
         return RedisCluster(startup_nodes=nodes, **kwargs)  # type: ignore[arg-type]
 
     def node(self, name: str, timeout: float = 1.0) -> redis.Redis:
         """A plain client to one node ("host:port"), e.g. for CLUSTER INFO or SCAN."""
         host, port = _split(name)
         return redis.Redis(host=host, port=port, socket_timeout=timeout,
-                           socket_connect_timeout=timeout)
+                           socket_connect_timeout=timeout, password=self.password)
 
     def _ask(self, name: str, *command: str, timeout: float = 1.0) -> str | None:
         """The reply of one node as text, or None if it does not answer."""
         host, port = _split(name)
         conn = redis.Connection(host=host, port=port, socket_timeout=timeout,
-                                socket_connect_timeout=timeout)
+                                socket_connect_timeout=timeout, password=self.password)
         try:  # a bare connection: the raw reply, not redis-py's parse of INFO into a dict
             conn.send_command(*command)
             reply = conn.read_response()
@@ -165,14 +185,18 @@ class RedisClusterHandle:
             conn.disconnect()
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
-    def reachable_nodes(self) -> list[str]:
-        """The nodes the topology check is asked of (a local cluster: the live, unfrozen ones)."""
+    def _seeds(self) -> list[str]:
+        """The nodes asked for CLUSTER NODES (a local cluster: its live, unfrozen ones)."""
         return self.startup_nodes
+
+    def reachable_nodes(self) -> list[str]:
+        """The nodes the topology checks ask: every node not flagged as failed."""
+        return [n.name for n in self.nodes() if not n.failed]
 
     # ---- topology ----------------------------------------------------------------------
     def nodes(self) -> list[NodeInfo]:
         """CLUSTER NODES as one reachable node sees it."""
-        for name in self.reachable_nodes():
+        for name in self._seeds():
             text = self._ask(name, "CLUSTER", "NODES")
             if text:
                 return parse_cluster_nodes(text)
@@ -233,8 +257,9 @@ class RedisClusterHandle:
         return self.slot_owner(slot)
 
     def is_ok(self) -> bool:
-        """Every reachable node says cluster_state:ok, agrees on the masters, all 16384 slots are
-        served and every master has a connected replica whose link to it is up."""
+        """Every reachable node says cluster_state:ok, all agree on every node's role and slots,
+        all 16384 slots are served and every master has a connected replica whose link to it is
+        up."""
         names = self.reachable_nodes()
         views = []
         for name in names:
@@ -247,10 +272,15 @@ class RedisClusterHandle:
             views.append(parse_cluster_nodes(text))
         if not views:
             return False
+        # every node sees the same roles: (id, master or the id of its master, slots), and no
+        # master is left without slots (a node redis-cli has not yet made a replica)
+        roles = [{(n.id, "master" if n.is_master else n.master_id, n.slots)
+                  for n in v if not n.failed} for v in views]
+        if any(r != roles[0] for r in roles) or any(m == "master" and not sl
+                                                    for _, m, sl in roles[0]):
+            return False
         masters = [{(n.id, n.slots) for n in v if n.is_master and not n.failed and n.slots}
                    for v in views]
-        if any(m != masters[0] for m in masters):
-            return False
         if sum(hi - lo + 1 for _, slots in masters[0] for lo, hi in slots) != SLOTS:
             return False
         view = views[0]
@@ -315,18 +345,11 @@ class LocalRedisCluster(RedisClusterHandle):
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_masters, self.n_replicas = masters, replicas
         self.node_timeout_ms = node_timeout_ms
-        ports: list[int] = []
-        while len(ports) < masters * (1 + replicas):
-            port = free_port()
-            # the cluster bus listens on port + 10000: both must be free and distinct
-            if port not in ports and port + 10000 < 65536 and port - 10000 not in ports \
-                    and port + 10000 not in ports:
-                ports.append(port)
-        self.ports = ports
+        self.ports = cluster_ports(masters * (1 + replicas))
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
         self.frozen: set[int] = set()
         self.started_s: float | None = None  # seconds from the first process to cluster ok
-        super().__init__([f"127.0.0.1:{p}" for p in ports])
+        super().__init__([f"127.0.0.1:{p}" for p in self.ports])
 
     # ---- processes ---------------------------------------------------------------------
     def _node_dir(self, port: int) -> Path:
@@ -368,6 +391,8 @@ class LocalRedisCluster(RedisClusterHandle):
     def reachable_nodes(self) -> list[str]:
         return [f"127.0.0.1:{p}" for p in self.ports
                 if p not in self.frozen and self.alive(f"127.0.0.1:{p}")]
+
+    _seeds = reachable_nodes
 
     def start(self, timeout: float = 30.0) -> LocalRedisCluster:
         """Start the processes, create the cluster, wait until it is ok."""
