@@ -114,6 +114,15 @@ def _decode(field: bytes) -> str:
     return field.decode("ascii") if b"%" not in field else decode_group(field)
 
 
+def _decode_all(fields: Sequence[bytes]) -> list[str]:
+    """`_decode` of many fields: when none carries an escape (ordinary ids), one join, decode
+    and split for them all (an encoded id never holds a newline)."""
+    joined = b"\n".join(fields)
+    if b"%" not in joined:
+        return joined.decode("ascii").split("\n")
+    return [_decode(f) for f in fields]
+
+
 class LegacyLayoutError(StoreError):
     """The namespace is in the one-slot layout of streamlme 0.1; it must be migrated."""
 
@@ -559,9 +568,13 @@ class RedisStore:
         replies = self._pipeline([("HGETALL", self.keys.shard(s).stats) for s in shards])
         out = []
         for fields in replies:
-            fields = dict(fields)
-            out.append(self._stats([(_decode(f), v) for f, v in fields.items()]) if fields
-                       else GroupStats.empty(self.d or 0))
+            if not fields:
+                out.append(GroupStats.empty(self.d or 0))
+                continue
+            if not isinstance(fields, dict):
+                fields = dict(fields)
+            # keys and values as two lists, decoded in bulk: no per-cell tuple or call
+            out.append(GroupStats.from_bytes(_decode_all(list(fields)), list(fields.values())))
         return out
 
     def shard_versions(self) -> list[int]:
