@@ -14,6 +14,9 @@ measures
                --http-seconds each; http_* is the highest rate whose p99 stays under 10 ms
   refresh_*    refresh_once over the namespace: read every group, REML fit, write the version;
                cold (no model yet) and warm (started from the previous version)
+  read_*       the refresh's read alone: streamlme.refresh.read_stats (every shard one HGETALL,
+               pipelined, binary records, in chunks), median of --read-repeats, as groups/s
+               per reading process; target 1,000,000 groups/s
 
 and prints one JSON object. BLAS/OpenMP/numba threads are pinned to 1. Loopback only.
 
@@ -47,13 +50,17 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from streamlme import GroupStats, ModelSpec  # noqa: E402
-from streamlme.client import Client, _connect  # noqa: E402
+from bench_refresh import median_time  # noqa: E402
+
+from streamlme.client import Client  # noqa: E402
 from streamlme.estimate import fit  # noqa: E402
-from streamlme.refresh import RefreshSettings, refresh_once  # noqa: E402
+from streamlme.refresh import RefreshSettings, read_stats, refresh_once  # noqa: E402
 from streamlme.store import RedisStore  # noqa: E402
+from streamlme.store.connect import redis_client  # noqa: E402
 
 SPEC = ModelSpec("y", ["1", "x1", "x2"], ["1", "x1"], "g")
 P99_TARGET_MS = 10.0
+READ_TARGET_GPS = 1_000_000
 WRK_SCRIPT = """
 math.randomseed(os.time())
 request = function()
@@ -99,6 +106,15 @@ def refresh(store: RedisStore) -> tuple[float, dict]:
     return seconds, {k: out.to_dict()[k] for k in keep}
 
 
+def measure_read(store: RedisStore, repeats: int) -> dict:
+    """The refresh's read on its own: read_stats over every shard, median seconds and groups/s
+    (one reading process; the same call refresh_once makes)."""
+    seconds, stats = median_time(lambda: read_stats(store, len(SPEC.columns)), repeats)
+    return {"read_s": seconds, "read_groups_per_s": len(stats) / seconds,
+            "read_repeats": repeats, "read_shards": store.n_shards,
+            "read_how": "streamlme.refresh.read_stats (pipelined HGETALL per shard, binary)"}
+
+
 def percentiles(ns: list[int]) -> tuple[float, float]:
     a = np.asarray(ns) / 1e6
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
@@ -108,21 +124,23 @@ def measure_queries(url: str, namespace: str, n_groups: int, queries: int, block
                     ) -> dict:
     """GET and Client.effect in alternating blocks, random groups, same connection settings."""
     client = Client(url, namespace)
-    raw = _connect(url, 5.0)
-    prefix = RedisStore(raw, namespace).keys.group_prefix
+    raw = redis_client(url, timeout=5.0)
+    store = RedisStore(raw, namespace)  # the bare read of one record: HGET of its shard's field
+    where = {g: (store.keys.shard(store.shard_of(g)).stats, g)
+             for g in map(group_id, range(n_groups))}
     rng = random.Random(1)
     for i in range(200):  # warm both paths (connections, the model cache)
         client.effect(group_id(i))
-        raw.get(prefix + group_id(i))
+        raw.hget(*where[group_id(i)])
     gets: list[int] = []
     effects: list[int] = []
     clock = time.perf_counter_ns
     while len(gets) < queries:
         ids = [group_id(rng.randrange(n_groups)) for _ in range(block)]
-        keys = [prefix + g for g in ids]  # ids need no encoding: the GET gets the key as is
+        keys = [where[g] for g in ids]  # ids need no encoding: the field is the id as is
         for key in keys:
             t0 = clock()
-            raw.get(key)
+            raw.hget(*key)
             gets.append(clock() - t0)
         for g in ids:
             t0 = clock()
@@ -256,6 +274,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=20_000)
     ap.add_argument("--http-seconds", type=float, default=5.0)
     ap.add_argument("--connections", default="1,2,4,8,16")
+    ap.add_argument("--read-repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="10k groups, short runs")
     args = ap.parse_args()
     if args.quick:
@@ -277,6 +296,7 @@ def main() -> None:
         result.update(refresh_100k_s=cold, refresh_warm_s=warm,
                       refresh_how="streamlme.refresh.refresh_once", refresh_cold=outcome,
                       refresh_warm=warm_outcome)
+        result.update(measure_read(store, args.read_repeats))
         result.update(measure_queries(args.redis, namespace, args.groups, args.queries))
         levels = [int(c) for c in args.connections.split(",")]
         with tempfile.TemporaryDirectory() as tmp:
@@ -290,6 +310,7 @@ def main() -> None:
         "effect_within_2x_get_p99": result.get("effect_vs_get_p99", 1e9) <= 2.0,
         "http_p99_under_10ms": result.get("http_p99_under_target", False),
         "refresh_100k_under_5s": result.get("refresh_100k_s", 1e9) < 5.0,
+        "read_1m_groups_per_s": result.get("read_groups_per_s", 0.0) >= READ_TARGET_GPS,
     }
     print(json.dumps(result))
 
