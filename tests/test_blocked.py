@@ -390,8 +390,10 @@ def test_huge_offsets_keep_their_digits() -> None:
     small = quiet_fit(design(simulate(7), FIXED, terms), "REML")
     big = quiet_fit(design(simulate(7, y_offset=1e7 + 50.0, v_offset=1e5), FIXED, terms), "REML")
     assert rel(big.criterion, small.criterion) < 1e-10
-    assert rel(big.theta, small.theta) < 1e-6
-    assert rel(big.beta[1:], small.beta[1:]) < 1e-7
+    # a criterion equal to 1e-10 pins theta only to about its square root (the optimum is
+    # quadratic): seen at 1.2e-5 with scipy 1.17 / numpy 2.4, 1e-7 with earlier releases
+    assert rel(big.theta, small.theta) < 1e-4
+    assert rel(big.beta[1:], small.beta[1:]) < 1e-5  # beta follows theta (seen: 9.5e-7)
     # v moved by 1e5 and y by 1e7: the intercept moves by exactly 1e7 - 1e5 beta_v
     shift = 1e7 - 1e5 * big.beta[2]
     assert abs(big.beta[0] - shift - small.beta[0]) < 1e-6 * max(abs(shift), 1.0)
