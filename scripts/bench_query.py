@@ -48,10 +48,9 @@ import warnings  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-
-from streamlme import GroupStats, ModelSpec  # noqa: E402
 from bench_refresh import median_time  # noqa: E402
 
+from streamlme import GroupStats, ModelSpec  # noqa: E402
 from streamlme.client import Client  # noqa: E402
 from streamlme.estimate import fit  # noqa: E402
 from streamlme.refresh import RefreshSettings, read_stats, refresh_once  # noqa: E402
