@@ -453,6 +453,7 @@ class Ingestor:
     def _refused(self, batch: _Batch, shard: int, result: MergeResult) -> _Part | None:
         """After shard ``shard`` refused its part: re-read its offsets and return the part to
         apply now, or None (nothing of this batch is left for it, or Kafka must replay)."""
+        behind = False
         for topic in {tp[0] for tp in batch.ranges}:
             recorded = self._retry("reading offsets", lambda t=topic: self.store.shard_offsets(t))
             for tp, rng in batch.ranges.items():
@@ -464,10 +465,17 @@ class Ingestor:
                     log.warning("shard %d holds offset %s of %s:%d, behind the %d it had "
                                 "applied (a failover lost acknowledged writes); replaying "
                                 "from Kafka", shard, have, tp[0], tp[1], expected)
+                    behind = True
                     self._positions.set(tp, shard, have if have is not None else rng.start)
-                    self._seek_back(tp)
-                    return None
-                self._positions.set(tp, shard, have)
+                else:
+                    self._positions.set(tp, shard, have)
+        if behind:
+            # The shard's whole part is dropped, so every partition of the batch is read again,
+            # not only those it fell behind on: a later part of this shard starts at its record,
+            # and must carry this batch's events of the shard, not claim their offsets without.
+            for tp in batch.ranges:
+                self._seek_back(tp)
+            return None
         log.info("shard %d was ahead of this consumer (%s); applying only what it lacks",
                  shard, result.conflicts)
         return self._part(batch, shard)
