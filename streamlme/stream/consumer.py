@@ -372,6 +372,20 @@ class Ingestor:
             if result.applied:
                 for tp, rng in parts[shard].offsets.items():
                     self._positions.set(tp, shard, rng.end)
+                continue
+            # Refused: the shard's record is not where this consumer had it. Ahead (a retry
+            # that landed, another consumer): take it. Behind (a failover lost acknowledged
+            # writes): take it and replay from Kafka, even if no later batch touches the shard.
+            for tp, have in result.conflicts.items():
+                rng = parts[shard].offsets.get(tp)
+                if rng is None:
+                    continue
+                self._positions.set(tp, shard, have)
+                if have < rng.start:
+                    log.warning("shard %d holds offset %d of %s:%d, behind the %d it had "
+                                "applied (a failover lost acknowledged writes); replaying "
+                                "from Kafka", shard, have, tp[0], tp[1], rng.start)
+                    self._seek_back(tp)
 
     def _record_starts(self, ranges: Mapping[TP, OffsetRange]) -> None:
         """Before a partition's first batch, record its start in every shard (offsets only)."""
