@@ -357,13 +357,14 @@ class Client:
                                  "namespace of the model's configuration")
             client = (redis_client(target, timeout=timeout) if is_url  # type: ignore[arg-type]
                       else target)
-            self._source = _Source(RedisStore(client, namespace))  # type: ignore[arg-type]
+            self._source = _Source(RedisStore(client, namespace,  # type: ignore[arg-type]
+                                              retry_seconds=timeout))
         elif isinstance(target, Config):
             if target.redis is not None:
                 r = target.redis
                 client = redis_client(r.url, cluster=r.cluster,
                                       nodes=r.startup_nodes if r.cluster else (), timeout=timeout)
-                self._source = _Source(RedisStore(client, r.namespace))
+                self._source = _Source(RedisStore(client, r.namespace, retry_seconds=timeout))
             else:
                 self._source = _Source(open_store(target))
         else:

@@ -37,7 +37,8 @@ shard's part applied entirely or not at all; a retried call whose first attempt 
 refused with ``conflicts`` equal to the part's ends (an exact replay), which the consumer
 recognises. Redirections of a Cluster (MOVED, ASK, TRYAGAIN during a slot migration, CLUSTERDOWN
 and lost connections during a failover) are retried here with backoff for up to
-``retry_seconds``; after that the error reaches the caller, which retries the same parts.
+``retry_seconds``; after that the error reaches the caller, which retries the same parts. On
+standalone Redis errors reach the caller at once (there, a lost connection is an outage).
 
 A namespace in the one-slot layout of streamlme 0.1 (every key under ``{ns}``) is refused with
 a message naming ``streamlme store migrate`` (`streamlme.store.migrate`); it is never misread.
@@ -163,7 +164,8 @@ class RedisStore:
         Shards of the namespace if this store creates it (default 256); a namespace that exists
         keeps the count it was created with.
     retry_seconds
-        How long a command is retried through Cluster redirections and lost connections.
+        How long a command is retried through Cluster redirections and lost connections (on a
+        Cluster only).
     """
 
     def __init__(
@@ -223,7 +225,9 @@ class RedisStore:
             try:
                 return fn()
             except REDIRECTIONS as exc:
-                if time.monotonic() + delay > deadline:
+                # standalone Redis has no redirections: an error there is an outage, for the
+                # caller to handle (the consumer retries, the API answers 503)
+                if not self.is_cluster or time.monotonic() + delay > deadline:
                     if isinstance(exc, RedisClusterException):  # not a RedisError: make it one
                         raise RedisConnectionError(f"Redis Cluster: {exc}") from exc
                     raise
@@ -473,16 +477,21 @@ class RedisStore:
                     pipe.execute_command(*commands[i])
                 got = pipe.execute(raise_on_error=False)
             except REDIRECTIONS:
+                if not self.is_cluster:
+                    raise
                 got = None
             if got is not None:
-                again = []
+                again, errors = [], []
                 for i, reply in zip(todo, got, strict=True):
                     if isinstance(reply, REDIRECTIONS) and not isinstance(reply, NoScriptError):
                         again.append(i)
+                        errors.append(reply)
                     else:
                         results[i] = reply
                 if not again:
                     return results
+                if not self.is_cluster:
+                    raise errors[0]
                 todo = again
             if time.monotonic() + delay > deadline:
                 raise RedisConnectionError(
