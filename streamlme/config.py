@@ -164,6 +164,9 @@ class ModelConfig(_Section):
     covariance: str | None = None  # None: "unstructured"
     method: str = "REML"
     half_life: Duration | None = None
+    # An event time further than this into the future (by this machine's clock) is bad_ts: one
+    # such event would otherwise age every other row of its group to nothing under half_life.
+    max_future: Duration = Duration(3600.0)
     formula: str | None = None
     levels: dict[str, list[str | int]] = msgspec.field(default_factory=dict)
 
@@ -220,6 +223,9 @@ class KafkaConfig(_Section):
     max_message_bytes: Positive = 1 << 20
     batch_max_events: Positive = 50_000
     batch_max_seconds: Duration = Duration(1.0)
+    # An offset gap (retention deleted events the store never saw): "stop" refuses and exits 3,
+    # "record" applies what is left and records the gap in the namespace for readers to show.
+    on_gap: Literal["stop", "record"] = "stop"
     client_id: str | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: (
@@ -349,6 +355,11 @@ class RefreshConfig(_Section):
     dask_scheduler: str | None = None  # "tcp://host:8786"; engine "dask" needs it
 
     def __post_init__(self) -> None:
+        if self.lease_ttl < 1.0:
+            raise ValueError(
+                f"lease_ttl: {self.lease_ttl:g}s is under one second; a lease that short is lost "
+                "during any refresh that takes longer (use e.g. \"30s\")"
+            )
         if self.engine == "dask" and not self.dask_scheduler:
             raise ValueError('engine: "dask" needs dask_scheduler = "tcp://host:8786"')
 
@@ -357,6 +368,15 @@ class ApiConfig(_Section):
     host: Name = "127.0.0.1"
     port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8000
     token: str | None = None
+    # Largest request body, in bytes; a longer one is answered 413 before it is read.
+    max_request_bytes: Positive = 1 << 20
+
+    def __post_init__(self) -> None:
+        if self.token is not None and not self.token.strip():
+            raise ValueError(
+                "token: an empty token would turn authentication off; remove the key to serve "
+                "without one, or set a secret"
+            )
 
 
 class StoreConfig(_Section):

@@ -279,7 +279,7 @@ def test_environment_alone_and_its_mistakes(tmp_path):
     assert info.value.errors == [
         "environment STREAMLME_API_PORT: api.port: 'x' is not an integer",
         "environment STREAMLME_API_PROT: api.prot is not a known key (did you mean 'port'?);"
-        " known: host, port, token",
+        " known: host, port, token, max_request_bytes",
     ]
 
 
@@ -437,3 +437,24 @@ def test_config_check_describes_cells_and_levels(tmp_path):
                                     env={})
     assert not ok and "categorical 'k' has no declared levels" in message
     assert "[model.levels]" in message
+
+
+@pytest.mark.parametrize("section, problem", [
+    ('[api]\ntoken = ""', "an empty token would turn authentication off"),
+    ('[api]\ntoken = "  "', "an empty token would turn authentication off"),
+    ('[refresh]\nlease_ttl = "1ms"', "lease_ttl: 0.001s is under one second"),
+    ('[kafka]\nbootstrap_servers = ["b:9092"]\ntopic = "t"\non_gap = "skip"', "on_gap"),
+    ('[api]\nmax_request_bytes = 0', "max_request_bytes"),
+])
+def test_settings_that_would_hide_a_fault_are_refused(tmp_path, section, problem):
+    text = '[model]\nformula = "y ~ 1 + (1 | g)"\nmax_future = "1h"\n' + section + "\n"
+    with pytest.raises(ConfigError, match=problem):
+        load_config(write(tmp_path, text), env={})
+
+
+def test_defaults_of_the_fault_settings(tmp_path):
+    config = load_config(write(tmp_path, '[model]\nformula = "y ~ 1 + (1 | g)"\n'
+                               '[kafka]\nbootstrap_servers = ["b:9092"]\ntopic = "t"\n'), env={})
+    assert config.model.max_future == 3600.0
+    assert config.kafka.on_gap == "stop"
+    assert config.api.max_request_bytes == 1 << 20
