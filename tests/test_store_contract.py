@@ -20,6 +20,7 @@ from streamlme.store import (
     StateStore,
     StoreError,
 )
+from streamlme.store.health import Gap
 
 MakeStore = Callable[..., StateStore]
 
@@ -405,3 +406,56 @@ def test_a_refused_batch_indexes_nothing(make_store):
     with pytest.raises(StoreError):
         store.merge(GroupStats.from_rows([cell("a", "b")], np.ones((1, 3))))
     assert store.cells_of(0, "a") == []
+
+
+# -- identity and health ----------------------------------------------------------------------
+
+
+def test_a_namespace_has_an_epoch_that_a_reset_does_not_repeat(make_store):
+    store = make_store()
+    store.merge(GroupStats.from_rows(["a"], np.ones((1, 2))), offsets={tp(0): OffsetRange(0, 1)})
+    first = store.epoch()
+    assert first and store.health().created_at is not None
+    store.put_model(b"m")
+    assert store.model_key() == (first, 1)
+    values, key = store.values_and_model_key(["a", "zz"])
+    assert key == (first, 1) and values[0] is not None and values[1] is None
+    store.clear()  # what a Redis restart without persistence does to the namespace
+    store.merge(GroupStats.from_rows(["a"], np.ones((1, 2))), offsets={tp(0): OffsetRange(0, 1)})
+    store.put_model(b"m")
+    assert store.model_key().version == 1 and store.model_key().epoch not in (None, first)
+
+
+def test_flags_and_gaps_are_recorded_and_cleared(make_store):
+    store = make_store()
+    assert store.health().ready and store.health().complete
+    store.set_flag("rebuilding", "consume --rebuild is replaying events from offset 0")
+    health = store.health()
+    assert not health.ready and health.flag == "rebuilding"
+    assert "replaying" in health.reason and health.since is not None
+    with pytest.raises(StoreError, match="unknown namespace flag"):
+        store.set_flag("sleepy", "no")
+    store.clear_flag()
+    assert store.health().ready
+    store.record_gap(Gap("events", 1, 10, 40, 5.0))
+    store.record_gap(Gap("events", 0, 3, 7, 6.0))
+    gaps = store.health().gaps
+    assert [(g.partition, g.start, g.end) for g in gaps] == [(0, 3, 7), (1, 10, 40)]
+    assert store.health().to_dict()["gaps"][1] == {
+        "topic": "events", "partition": 1, "from": 10, "to": 40, "events": 30,
+        "recorded_at": "1970-01-01T00:00:05Z"}
+
+
+def test_clear_statistics_keeps_the_models_and_the_epoch(make_store):
+    store = make_store()
+    store.merge(GroupStats.from_rows(["a", "b"], np.ones((2, 2))),
+                offsets={tp(0): OffsetRange(0, 2)})
+    store.put_model(b"m")
+    store.record_gap(Gap("events", 0, 0, 1, 1.0))
+    epoch = store.epoch()
+    assert any(stats for stats, _ in store.shard_presence())
+    assert all(offsets for _, offsets in store.shard_presence())
+    store.clear_statistics()
+    assert store.n_groups() == 0 and store.offsets("events") == {}
+    assert store.shard_presence() == [(False, False)] * store.n_shards
+    assert store.epoch() == epoch and store.get_model() == b"m" and store.health().gaps == ()

@@ -8,18 +8,23 @@ Both implement `StateStore` (see `streamlme.store.base`); `open_store` builds th
 from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, StateStore, TopicPartition
 from streamlme.store.connect import StoreAddress, close_store, open_store, redis_client
 from streamlme.store.errors import KeyNameError, StaleFenceError, StoreError
+from streamlme.store.health import Gap, Health, ModelKey, StateLostError
 from streamlme.store.keys import decode_group, encode_group
 from streamlme.store.memory import MemoryStore
 from streamlme.store.redis import RedisStore
 
 __all__ = [
+    "Gap",
+    "Health",
     "KeyNameError",
     "MemoryStore",
     "MergeResult",
+    "ModelKey",
     "OffsetRange",
     "RedisStore",
     "ShardBatch",
     "StaleFenceError",
+    "StateLostError",
     "StateStore",
     "StoreAddress",
     "StoreError",

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from streamlme.stats import GroupStats
+from streamlme.store.health import Gap, Health, ModelKey
 
 #: A Kafka partition as (topic, partition).
 TopicPartition = tuple[str, int]
@@ -190,6 +191,43 @@ class StateStore(Protocol):
         ...
 
     def lease_holder(self) -> tuple[str, int, float] | None:
+        ...
+
+    # identity and health (see streamlme.store.health)
+
+    def epoch(self) -> str | None:
+        """The namespace's epoch, drawn when it was created (None if it does not exist)."""
+        ...
+
+    def health(self) -> Health:
+        """Epoch, creation time, flag and accepted offset gaps, in one round trip."""
+        ...
+
+    def set_flag(self, flag: str, reason: str) -> None:
+        """Flag the namespace ("rebuilding" or "lost"): readers refuse it until cleared."""
+        ...
+
+    def clear_flag(self) -> None:
+        ...
+
+    def record_gap(self, gap: Gap) -> None:
+        ...
+
+    def shard_presence(self) -> list[tuple[bool, bool]]:
+        """Per shard: (holds statistics, holds an offsets record)."""
+        ...
+
+    def clear_statistics(self) -> None:
+        """Drop every shard's statistics and offsets and the gaps; keep epoch, flag, models."""
+        ...
+
+    def model_key(self) -> ModelKey | None:
+        """(epoch, current model version), or None before any model."""
+        ...
+
+    def values_and_model_key(self, groups: Sequence[str]
+                             ) -> tuple[list[bytes | None], ModelKey | None]:
+        """The byte records of ``groups`` and the current `ModelKey`, in one round trip."""
         ...
 
     # consumer status (see streamlme.status)

@@ -120,8 +120,14 @@ class Keys:
 
     @property
     def meta(self) -> str:
-        """Hash: ``layout`` (2, sharded), ``shards``, ``d``, ``columns``, ``created_at``."""
+        """Hash: ``layout`` (2, sharded), ``shards``, ``created_at``, ``epoch``, and ``flag``,
+        ``reason``, ``since`` while flagged (`streamlme.store.health`)."""
         return f"{self.tag}:meta"
+
+    @property
+    def gaps(self) -> str:
+        """Hash: ``<topic>:<partition>:<from>`` -> an accepted offset gap (`store.health.Gap`)."""
+        return f"{self.tag}:gaps"
 
     @property
     def models(self) -> str:

@@ -38,6 +38,7 @@ import os
 import tempfile
 import threading
 import time
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from streamlme.store.base import (
     cell_levels,
 )
 from streamlme.store.errors import StaleFenceError, StoreError
+from streamlme.store.health import Gap, Health, ModelKey, check_flag, new_epoch
 from streamlme.store.policy import MODEL_HISTORY, OVERDRAW_RTOL
 
 #: Version of the snapshot file layout (not of the statistics records inside it).
@@ -101,6 +103,11 @@ class MemoryStore:
         self._lease: tuple[str, int, float] | None = None
         self._lease_seq = 0
         self._version = 0  # bumped by every merge that changes the statistics
+        # identity and health (streamlme.store.health), snapshotted with the state
+        self._epoch = new_epoch()
+        self._created_at = time.time()
+        self._flag: tuple[str, str, float] | None = None
+        self._gaps: dict[str, Gap] = {}
         # consumer status: records (with their expiry) and all-time totals, never snapshotted
         self._status: dict[str, tuple[float, dict[str, str]]] = {}
         self._totals: dict[str, int] = {}
@@ -295,6 +302,57 @@ class MemoryStore:
             self._model_current = None
             self._fence = None
             self._d = None if self.columns is None else len(self.columns)
+            self._epoch, self._created_at = new_epoch(), time.time()
+            self._flag = None
+            self._gaps.clear()
+
+    # -- identity and health (see streamlme.store.health) -----------------------------------
+
+    def epoch(self) -> str | None:
+        return self._epoch
+
+    def health(self) -> Health:
+        with self._lock:
+            flag, reason, since = self._flag or (None, "", None)
+            gaps = sorted(self._gaps.values(), key=lambda g: (g.topic, g.partition, g.start))
+            return Health(self._epoch, self._created_at, flag, reason, since, tuple(gaps))
+
+    def set_flag(self, flag: str, reason: str) -> None:
+        with self._lock:
+            self._flag = (check_flag(flag), reason, time.time())
+
+    def clear_flag(self) -> None:
+        with self._lock:
+            self._flag = None
+
+    def record_gap(self, gap: Gap) -> None:
+        with self._lock:
+            self._gaps[gap.field] = gap
+
+    def shard_presence(self) -> list[tuple[bool, bool]]:
+        with self._lock:
+            return [(self._stats is not None and len(self._stats) > 0, bool(self._offsets))]
+
+    def clear_statistics(self) -> None:
+        """Drop statistics, index, offsets and gaps; keep epoch, flag and models."""
+        with self._lock:
+            self._stats = None
+            self._cells.clear()
+            self._offsets.clear()
+            self._gaps.clear()
+            self._version += 1
+            self._d = None if self.columns is None else len(self.columns)
+
+    def model_key(self) -> ModelKey | None:
+        with self._lock:
+            current = self._model_current
+            return None if current is None else ModelKey(self._epoch, current)
+
+    def values_and_model_key(self, groups: Sequence[str]
+                             ) -> tuple[list[bytes | None], ModelKey | None]:
+        with self._lock:
+            values, _ = self.values_and_version(groups)
+            return values, self.model_key()
 
     # -- consumer status (see streamlme.status) ----------------------------------------------
 
@@ -440,6 +498,10 @@ class MemoryStore:
             "model_seq": self._model_seq,
             "model_current": self._model_current,
             "fence": self._fence,
+            "epoch": self._epoch,
+            "created_at": self._created_at,
+            "flag": list(self._flag) if self._flag else None,
+            "gaps": [g.to_json() for g in self._gaps.values()],
         }
         return {
             "header": _blob(json.dumps(header).encode()),
@@ -468,8 +530,9 @@ class MemoryStore:
                 partitions, offsets = z["partitions"].tolist(), z["offsets"].tolist()
                 versions = z["model_versions"].tolist()
                 models = _unstrings(z, "models")
-        except (OSError, KeyError, ValueError) as e:
-            raise StoreError(f"{path} is not a readable MemoryStore snapshot: {e}") from e
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+            raise StoreError(f"{path} is not a readable MemoryStore snapshot ({e}); restore it "
+                             "from a backup or move it away to start empty") from e
         snap_cols = header.get("columns")
         if self.columns is not None and snap_cols is not None and list(self.columns) != snap_cols:
             raise StoreError(f"{path} holds columns {snap_cols}, not {list(self.columns)}")
@@ -490,6 +553,11 @@ class MemoryStore:
         self._model_seq = header.get("model_seq", 0)
         self._model_current = header.get("model_current")
         self._fence = header.get("fence")
+        self._epoch = header.get("epoch") or self._epoch
+        self._created_at = header.get("created_at") or self._created_at
+        flag = header.get("flag")
+        self._flag = (str(flag[0]), str(flag[1]), float(flag[2])) if flag else None
+        self._gaps = {g.field: g for g in map(Gap.from_json, header.get("gaps") or ())}
 
 
 def _positive_ttl(seconds: float) -> float:

@@ -8,7 +8,11 @@ same layout:
 ==================================  ======  ====================================================
 key                                 type    value
 ==================================  ======  ====================================================
-``{ns}:meta``                       hash    ``layout`` (2), ``shards``, ``created_at``
+``{ns}:meta``                       hash    ``layout`` (2), ``shards``, ``created_at``,
+                                            ``epoch``; ``flag``, ``reason``, ``since`` while
+                                            flagged (`streamlme.store.health`)
+``{ns}:gaps``                       hash    ``<topic>:<partition>:<from>`` -> an accepted
+                                            offset gap (JSON)
 ``{ns}:models``                     hash    model version -> record (bytes)
 ``{ns}:model:seq``                  string  last model version issued (INCR)
 ``{ns}:model:current``              string  the version queries use
@@ -72,6 +76,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats
 from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, TopicPartition
 from streamlme.store.errors import StaleFenceError, StoreError
+from streamlme.store.health import Gap, Health, ModelKey, check_flag, new_epoch
 from streamlme.store.keys import (
     Keys,
     decode_group,
@@ -286,10 +291,11 @@ class RedisStore:
         if self._shards is not None:
             return self._shards
         k = self.keys
-        _, _, _, meta = self._pipeline([
+        *_, meta = self._pipeline([
             ("HSETNX", k.meta, "shards", self._new_shards),
             ("HSETNX", k.meta, "layout", LAYOUT),
             ("HSETNX", k.meta, "created_at", repr(time.time())),
+            ("HSETNX", k.meta, "epoch", new_epoch()),
             ("HGET", k.meta, "shards"),
         ])
         self._read_layout()  # refuse a legacy namespace that a shards field was just added to
@@ -545,6 +551,12 @@ class RedisStore:
     def values_and_version(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
         """`get_values` and the current model version, in one pipelined round trip (what a
         query reads)."""
+        values, (version,) = self._values_with(groups, [("GET", self.keys.model_current)])
+        return values, None if version is None else int(version)
+
+    def _values_with(self, groups: Sequence[str], tail: Sequence[tuple[Any, ...]]
+                     ) -> tuple[list[bytes | None], list[Any]]:
+        """The byte records of ``groups`` and the replies of ``tail``, in one round trip."""
         by_shard: dict[int, list[int]] = {}
         fields = [encode_group(g) for g in groups]
         for i, g in enumerate(groups):
@@ -552,12 +564,12 @@ class RedisStore:
         order = list(by_shard)
         commands: list[tuple[Any, ...]] = [
             ("HMGET", self.keys.shard(s).stats, *[fields[i] for i in by_shard[s]]) for s in order]
-        *replies, version = self._pipeline([*commands, ("GET", self.keys.model_current)])
+        replies = self._pipeline([*commands, *tail])
         values: list[bytes | None] = [None] * len(groups)
-        for shard, got in zip(order, replies, strict=True):
+        for shard, got in zip(order, replies[:len(order)], strict=True):
             for i, v in zip(by_shard[shard], got, strict=True):
                 values[i] = v
-        return values, None if version is None else int(version)
+        return values, replies[len(order):]
 
     def ping(self) -> bool:
         return bool(self._retrying(self.client.ping))
@@ -640,10 +652,87 @@ class RedisStore:
         k = self.keys
         consumers = self._retrying(lambda: self.client.zrange(k.consumers, 0, -1))
         self._pipeline([("UNLINK", key) for key in (
-            k.meta, k.models, k.model_seq, k.model_current, k.model_fence, k.consumers,
+            k.meta, k.gaps, k.models, k.model_seq, k.model_current, k.model_fence, k.consumers,
             k.ingest, *[f"{k.tag}:consumers:{m.decode()}" for m in consumers])])
         self._shards = None
         self._d = None if self.columns is None else len(self.columns)
+
+    # -- identity and health (see streamlme.store.health) -----------------------------------
+
+    def epoch(self) -> str | None:
+        """The namespace's epoch, drawn when it was created; None if it does not exist."""
+        value = self._retrying(lambda: self.client.hget(self.keys.meta, "epoch"))
+        return None if value is None else value.decode()
+
+    def health(self) -> Health:
+        """The namespace's epoch, flag and recorded gaps, in one round trip."""
+        k = self.keys
+        meta, gaps = self._pipeline([
+            ("HMGET", k.meta, "epoch", "created_at", "flag", "reason", "since"),
+            ("HGETALL", k.gaps)])
+        epoch, created, flag, reason, since = (v.decode() if v is not None else None
+                                               for v in meta)
+        found = sorted((Gap.from_json(v) for v in dict(gaps).values()),
+                       key=lambda g: (g.topic, g.partition, g.start))
+        return Health(epoch, None if created is None else float(created), flag, reason or "",
+                      None if since is None else float(since), tuple(found))
+
+    def set_flag(self, flag: str, reason: str) -> None:
+        """Flag the namespace (creating it if new): readers refuse its statistics until
+        `clear_flag`."""
+        check_flag(flag)
+        self._create()
+        self._pipeline([("HSET", self.keys.meta, "flag", flag, "reason", reason,
+                         "since", repr(time.time()))])
+
+    def clear_flag(self) -> None:
+        self._pipeline([("HDEL", self.keys.meta, "flag", "reason", "since")])
+
+    def record_gap(self, gap: Gap) -> None:
+        """Record an accepted offset gap (again for the same start: the later record wins)."""
+        self._create()
+        self._pipeline([("HSET", self.keys.gaps, gap.field, gap.to_json())])
+
+    def shard_presence(self) -> list[tuple[bool, bool]]:
+        """Per shard, whether it holds (statistics, an offsets record): a shard with statistics
+        but no offsets, or none at all in a namespace whose other shards have them, lost state."""
+        if self._read_layout() is None:
+            return [(False, False)] * self.n_shards
+        out: list[tuple[bool, bool]] = []
+        for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
+            shards = range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))
+            replies = self._pipeline([c for s in shards for c in (
+                ("EXISTS", self.keys.shard(s).stats), ("EXISTS", self.keys.shard(s).offsets))])
+            out += [(bool(replies[2 * i]), bool(replies[2 * i + 1])) for i in range(len(shards))]
+        return out
+
+    def clear_statistics(self) -> None:
+        """Delete every shard's statistics, index, offsets and meta, and the recorded gaps;
+        keep the namespace's epoch, flag, models and lease (what a rebuild starts from)."""
+        if self._read_layout() is not None:
+            for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
+                self._pipeline([("UNLINK", *self.keys.shard(s).all)
+                                for s in range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))])
+        self._pipeline([("UNLINK", self.keys.gaps)])
+        self._d = None if self.columns is None else len(self.columns)
+
+    def model_key(self) -> ModelKey | None:
+        """(epoch, current model version) in one round trip: what a model cache keys by, as
+        a reset namespace can repeat a version but not an epoch. None before any model."""
+        epoch, version = self._pipeline([("HGET", self.keys.meta, "epoch"),
+                                         ("GET", self.keys.model_current)])
+        if version is None:
+            return None
+        return ModelKey(None if epoch is None else epoch.decode(), int(version))
+
+    def values_and_model_key(self, groups: Sequence[str]
+                             ) -> tuple[list[bytes | None], ModelKey | None]:
+        """`values_and_version` with the model's `ModelKey`, still one round trip."""
+        values, (epoch, version) = self._values_with(groups, [
+            ("HGET", self.keys.meta, "epoch"), ("GET", self.keys.model_current)])
+        if version is None:
+            return values, None
+        return values, ModelKey(None if epoch is None else epoch.decode(), int(version))
 
     # -- consumer status (see streamlme.status) ----------------------------------------------
 
