@@ -213,6 +213,15 @@ _CLIENT_OBJECTS = {
 }
 
 
+#: How long a client waits for a broker before it gives up, unless ``[kafka.client]`` says:
+#: the first metadata answer (3.x), the version probe (2.x), a producer's wait for metadata.
+_CLIENT_TIMEOUTS: dict[str, int] = {
+    "bootstrap_timeout_ms": 10_000,
+    "api_version_auto_timeout_ms": 10_000,
+    "max_block_ms": 10_000,
+}
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: Annotated[list[Name], msgspec.Meta(min_length=1)]
     topic: Name
@@ -258,10 +267,19 @@ class KafkaConfig(_Section):
         return out
 
     def _with_client(self, base: dict[str, Any], accepted: set[str]) -> dict[str, Any]:
+        # A broker that is down must be reported within seconds, not kafka-python's 30-60 s;
+        # only the settings this kafka-python knows (2.x and 3.x name them differently).
+        base |= {k: v for k, v in _CLIENT_TIMEOUTS.items() if k in accepted}
         for key, value in self.client.items():
             if key in accepted:
                 base[key] = tuple(value) if isinstance(value, list) else value
         return base
+
+    @property
+    def connect_timeout(self) -> float:
+        """Seconds a client waits for the first broker to answer (for messages)."""
+        return float(self.client.get("bootstrap_timeout_ms",
+                                     _CLIENT_TIMEOUTS["bootstrap_timeout_ms"])) / 1000.0
 
     def consumer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``kafka.KafkaConsumer`` (auto commit off: streamlme commits)."""
@@ -497,11 +515,9 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
             raw = _normalise_kafka(raw)
         if name == "model" and not _check_levels_table(raw, fail):
             continue
-        try:
-            sections[name] = msgspec.convert(raw, cls, dec_hook=_dec_hook)
-        except msgspec.ValidationError as exc:
-            key, message = _explain(str(exc), raw, cls)
-            fail(f"{name}{key}", message)
+        converted = _convert_section(name, raw, cls, fail)
+        if converted is not None:
+            sections[name] = converted
     if "model" in sections:
         _check_model(sections["model"], fail)
     if "kafka" in sections:
@@ -511,6 +527,41 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     if errors:
         raise ConfigError(errors)
     return Config(**sections, source=source)
+
+
+def _convert_section(name: str, raw: dict[str, Any], cls: type[_Section], fail: Any) -> Any:
+    """The section as ``cls``, or None after naming every bad or missing key with ``fail``.
+
+    Each key is converted on its own first, because msgspec stops at the first problem of a
+    struct and `config check` is to report them all in one run."""
+    bad = False
+    for field in msgspec.structs.fields(cls):
+        if field.name not in raw:
+            if field.required:
+                fail(f"{name}.{field.name}", "missing")
+                bad = True
+            continue
+        try:
+            msgspec.convert(raw[field.name], field.type, dec_hook=_dec_hook)
+        except msgspec.ValidationError as exc:
+            key, message = _explain(_at_field(str(exc), field.name), raw, cls)
+            fail(f"{name}{key}", message)
+            bad = True
+    if bad:
+        return None
+    try:  # the keys are fine one by one: what is left are the checks across keys
+        return msgspec.convert(raw, cls, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        key, message = _explain(str(exc), raw, cls)
+        fail(f"{name}{key}", message)
+        return None
+
+
+def _at_field(message: str, field: str) -> str:
+    """A message about one key's value, its location (``$`` or ``$[1]``) put under the key."""
+    match = _AT.match(message)
+    assert match is not None  # the pattern matches any text
+    return f"{match['msg']} - at `$.{field}{match['path'] or ''}`"
 
 
 def check_config_file(path: str | Path, env: Mapping[str, str] | None = None) -> tuple[bool, str]:
@@ -688,6 +739,11 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], errors: list[str]) 
         section, _, key = var[len(ENV_PREFIX) :].lower().partition("_")
         cls = _SECTIONS.get(section)
         if cls is None or not key:
+            close = difflib.get_close_matches(section, list(_SECTIONS), n=1, cutoff=0.75)
+            if close and key:  # STREAMLME_REDSI_URL: a typo, not some other tool's variable
+                errors.append(f"environment {var}: no section [{section}] (did you mean "
+                              f"STREAMLME_{close[0].upper()}_{key.upper()}?); sections are "
+                              f"{', '.join(_SECTIONS)}")
             continue  # other STREAMLME_* variables (e.g. STREAMLME_KAFKA for tests) are not ours
         table = data.setdefault(section, {})
         if not isinstance(table, dict):
@@ -822,3 +878,78 @@ def _redact(url: str) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
+
+
+# --- a starter file -------------------------------------------------------------------------
+
+
+def starter_config(kafka: str | None = None, redis: str | None = None) -> str:
+    """A commented configuration that `load_config` accepts: the demo's hospital model, plus a
+    ``[kafka]`` section for the broker at ``kafka`` and a ``[redis]`` one for the ``redis`` URL
+    when given (without them: JSON lines into the in-process store, snapshotted to a file)."""
+    parts = [_STARTER_MODEL]
+    parts.append(_STARTER_KAFKA.format(bootstrap=kafka) if kafka else _STARTER_NO_KAFKA)
+    parts.append(_STARTER_REDIS.format(url=redis) if redis else _STARTER_NO_REDIS)
+    parts.append(_STARTER_REST)
+    return "\n".join(parts)
+
+
+_STARTER_MODEL = '''\
+# streamlme configuration (written by `streamlme config init`; check it with
+# `streamlme config check FILE --connect`). STREAMLME_<SECTION>_<KEY> environment variables
+# override any key, e.g. STREAMLME_REDIS_URL.
+
+[model]
+# The demo's model: a patient's length of stay by age and severity, with each hospital's own
+# offset and age slope. Any lme4 formula works instead of the four keys below, e.g.
+# formula = "los ~ age + severity + (1 + age | hospital)"
+response = "los"
+fixed = ["1", "age", "severity"]
+random = ["1", "age"]
+group = "hospital"
+method = "REML"                    # or "ML", "EM"
+# half_life = "7d"                 # exponential forgetting (events then need "ts")
+'''
+
+_STARTER_KAFKA = '''\
+[kafka]
+bootstrap_servers = "{bootstrap}"
+topic = "events"
+group_id = "streamlme"
+# dead_letter_topic = "events.dlq" # refused events go here, with the reason
+
+[kafka.client]
+# any kafka-python setting; these make a consumer join its group in seconds
+session_timeout_ms = 6000
+heartbeat_interval_ms = 1000
+'''
+
+_STARTER_NO_KAFKA = '''\
+# No [kafka] section: `streamlme consume --input FILE` reads JSON lines instead.
+# [kafka]
+# bootstrap_servers = "127.0.0.1:9092"
+# topic = "events"
+'''
+
+_STARTER_REDIS = '''\
+[redis]
+url = "{url}"
+namespace = "hospital_los"        # one model per namespace
+'''
+
+_STARTER_NO_REDIS = '''\
+# No [redis] section: the in-process store, kept in this snapshot between commands.
+[store]
+snapshot = "state.npz"
+'''
+
+_STARTER_REST = '''\
+[refresh]
+every = "60s"                      # `streamlme refresh` without --once re-estimates this often
+history = 50                       # model versions kept
+
+[api]
+host = "127.0.0.1"
+port = 8000                        # `streamlme serve`
+# token = "..."                    # bearer token for the HTTP API (or STREAMLME_API_TOKEN)
+'''
