@@ -3,9 +3,14 @@
 `Client` reads a group's *current* running statistics and the current model version and returns
 the group's BLUP (design.md section 4), so an effect moves with every event between refreshes.
 Against Redis, `Client.effect` is one round trip: a single MGET fetches the group's record and
-the current model version together (every key of a namespace shares one hash tag, so this also
-holds on Redis Cluster). The decoded model is cached by version and fetched again only when the
-version changes.
+the current model's key together (one pipelined round trip, per node on a Cluster). The decoded
+model is cached by its `ModelKey`, the namespace's epoch and the version, and fetched again only
+when that key changes: a Redis that came back empty restarts the version counter at 1, but its
+namespace gets a new epoch, so the model of the lost state is never served again.
+
+A cell whose statistics are not finite (an overflowing event that reached the store) cannot give
+an effect: its query raises `BadStatisticsError`, and in `Client.effects` with
+``errors="report"`` only that group's item is a `GroupError`.
 
 Every effect is computed by the one BLUP core, `streamlme.blup`: a one-term model through its
 `ScalarKernel` (the core's maps compiled to plain Python floats and positions in a stored record;
@@ -27,6 +32,7 @@ streamlme.client.ModelNotReady: no model has been estimated yet; run `streamlme 
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -51,6 +57,7 @@ from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats, StatsErro
 from streamlme.store.base import StateStore
 from streamlme.store.connect import open_store, redis_client
 from streamlme.store.errors import StoreError
+from streamlme.store.health import ModelKey
 from streamlme.store.keys import encode_group
 from streamlme.store.redis import RedisStore
 
@@ -67,6 +74,36 @@ class ModelNotReady(LookupError):  # noqa: N818 - the name users catch
             "no model has been estimated yet; run `streamlme refresh --config FILE --once` "
             "after some events have arrived"
         )
+
+
+class BadStatisticsError(StatsError):
+    """A cell's stored statistics are not finite (inf or NaN) or give no finite effect."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+        super().__init__(
+            f"group {group!r} has statistics that are not finite (an event whose values "
+            "overflowed reached the store), so it has no effect; rebuild the namespace "
+            "(`streamlme consume --rebuild`, docs/operations.md) to drop it")
+
+
+@dataclass(frozen=True)
+class GroupError:
+    """A group of a many-groups query that could not be answered, in its place in the list."""
+
+    group: str
+    error: str
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "error": self.error, "message": self.message}
+
+
+def closest(name: str, known: Sequence[str]) -> str | None:
+    """The name of ``known`` closest to ``name`` (difflib's ratio of at least 0.6), or None:
+    what a "did you mean" names."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _effect_line(group: str, n: float, effect: dict[str, float], cov: list[list[float]],
@@ -208,11 +245,12 @@ class _Kernel:
     (see `ScalarKernel`).
     """
 
-    def __init__(self, record: ModelRecord) -> None:
+    def __init__(self, record: ModelRecord, key: ModelKey) -> None:
         spec = record.spec
         d = len(spec.columns)
         self.record = record
         self.spec = spec
+        self.key = key
         self.version = record.version
         self.d = d
         self.header = HEADER.pack(MAGIC, FORMAT_VERSION, d)
@@ -233,7 +271,7 @@ class _Kernel:
             self._terms_model = self.record.terms_model()
         return self._terms_model
 
-    def decode(self, value: bytes) -> tuple[float, ...]:
+    def decode(self, group: str, value: bytes) -> tuple[float, ...]:
         if len(value) != self.size or value[: HEADER.size] != self.header:
             raise StatsError(
                 f"stored statistics are not {self.size}-byte records of {self.d} columns as "
@@ -241,14 +279,14 @@ class _Kernel:
             )
         v = self.body.unpack_from(value, HEADER.size)
         if not (v[0] >= 0.0 and math.isfinite(v[0]) and math.isfinite(sum(v[2:]))):
-            raise StatsError("stored statistics hold a negative mass or non-finite values")
+            raise BadStatisticsError(group)
         return (*v, 0.0, 1.0)
 
     def stats(self, keys: Sequence[str], values: Sequence[bytes | None]) -> GroupStats:
         """The cells among ``keys`` that have a record, checked as `decode` checks one."""
         found = [(k, v) for k, v in zip(keys, values) if v is not None]
-        for _, v in found:
-            self.decode(v)
+        for k, v in found:
+            self.decode(k, v)
         if not found:
             return GroupStats.empty(self.d)
         return GroupStats.from_bytes([k for k, _ in found], [v for _, v in found])
@@ -259,9 +297,19 @@ class _Kernel:
         if value is None:
             return GroupEffect(group, 0.0, dict.fromkeys(self.names, 0.0),
                                [list(row) for row in self.G], 0.0, self.version, False)
-        v = self.decode(value)
+        v = self.decode(group, value)
         b, cov, shrink = self.core.effect(v)
+        # finite statistics can still overflow in the solve (values near 1e200)
+        if not math.isfinite(sum(b) + sum(map(sum, cov)) + shrink):
+            raise BadStatisticsError(group)
         return GroupEffect(group, v[0], dict(zip(self.names, b)), cov, shrink, self.version, True)
+
+    def effect_or_error(self, group: str, value: bytes | None) -> GroupEffect | GroupError:
+        """`effect`, or the group's `GroupError` when its statistics are not finite."""
+        try:
+            return self.effect(group, value)
+        except BadStatisticsError as exc:
+            return GroupError(group, "bad_statistics", str(exc))
 
     def term_effect(self, term: str, level: str, stats: GroupStats) -> TermEffect:
         if self.simple:
@@ -270,6 +318,9 @@ class _Kernel:
             return TermEffect(self.terms[0], level, e.n, e.effect, e.cov, e.shrinkage,
                               self.version, e.known, int(e.known), "exact")
         eff = self.terms_model.level_effect(term, level, stats)
+        if not (np.isfinite(eff.b).all() and np.isfinite(eff.cov).all()
+                and math.isfinite(eff.shrinkage)):
+            raise BadStatisticsError(level)
         return TermEffect(eff.factor, eff.level, eff.n, dict(zip(eff.names, map(float, eff.b))),
                           eff.cov.tolist(), eff.shrinkage, self.version, eff.known, eff.cells,
                           eff.solution)
@@ -303,18 +354,18 @@ class ModelVersionNotFoundError(LookupError):
 
 
 class _Source:
-    """Cell records and the current model version from any `StateStore`: one pipelined round
+    """Cell records and the current `ModelKey` from any `StateStore`: one pipelined round
     trip against Redis, no round trip against an in-process store."""
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
 
-    def one(self, group: str) -> tuple[bytes | None, int | None]:
-        values, version = self.many([group])
-        return values[0], version
+    def one(self, group: str) -> tuple[bytes | None, ModelKey | None]:
+        values, key = self.many([group])
+        return values[0], key
 
-    def many(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
-        return self.store.values_and_version(groups)
+    def many(self, groups: Sequence[str]) -> tuple[list[bytes | None], ModelKey | None]:
+        return self.store.values_and_model_key(groups)
 
     def cells(self, position: int, level: str) -> list[str]:
         encode_group(level)  # the same id checks for every store
@@ -401,27 +452,43 @@ class Client:
         """
         if term is not None:
             return self.term_effect(term, group)
-        value, version = self._source.one(group)
-        return self._kernel_for(version).effect(group, value)
+        value, key = self._source.one(group)
+        return self._kernel_for(key).effect(group, value)
 
-    def effects(self, groups: Sequence[str], term: str | None = None
-                ) -> list[GroupEffect] | list[TermEffect]:
+    def effects(self, groups: Sequence[str], term: str | None = None, *,
+                errors: str = "raise") -> list[Any]:
         """Effects of ``groups`` in the order asked, fetched in one round trip (with ``term``,
-        one query per level)."""
+        one query per level).
+
+        A group whose statistics are not finite raises `BadStatisticsError`; with
+        ``errors="report"`` its place holds a `GroupError` instead and the others are answered.
+        """
+        if errors not in ("raise", "report"):
+            raise ValueError(f"errors must be 'raise' or 'report', got {errors!r}")
         groups = list(groups)
         if not groups:
             return []
         if term is not None:
-            return [self.term_effect(term, g) for g in groups]
-        values, version = self._source.many(groups)
-        kernel = self._kernel_for(version)
-        return [kernel.effect(g, v) for g, v in zip(groups, values)]
+            return [self._term_effect_or_error(term, g, errors) for g in groups]
+        values, key = self._source.many(groups)
+        kernel = self._kernel_for(key)
+        one = kernel.effect if errors == "raise" else kernel.effect_or_error
+        return [one(g, v) for g, v in zip(groups, values)]
+
+    def _term_effect_or_error(self, term: str, level: str, errors: str
+                              ) -> TermEffect | GroupError:
+        try:
+            return self.term_effect(term, level)
+        except BadStatisticsError as exc:
+            if errors == "raise":
+                raise
+            return GroupError(level, "bad_statistics", str(exc))
 
     def term_effect(self, term: str, level: str | Sequence[str]) -> TermEffect:
         """The current effect of ``level`` of the factor ``term`` (a string, or for an
         interaction factor also the tuple of its parts)."""
         plan = self._kernel if self._kernel is not None else self._kernel_for(
-            self.current_version())
+            self._source.store.model_key())
         for _ in range(3):
             factor = plan.resolve(term)
             spec = plan.spec
@@ -429,12 +496,12 @@ class Client:
                 level, str) else level
             if len(spec.grouping_columns) == 1:
                 # cells are keyed by the level itself
-                value, version = self._source.one(name)
+                value, key = self._source.one(name)
                 keys, values = [name], [value]
             else:
                 keys = self._cells_of(plan, factor, level)
-                values, version = self._source.many(keys)
-            kernel = self._kernel_for(version)
+                values, key = self._source.many(keys)
+            kernel = self._kernel_for(key)
             if kernel.spec == spec:
                 return kernel.term_effect(factor, name, kernel.stats(keys, values))
             plan = kernel  # the model changed shape between the two reads: plan again
@@ -463,12 +530,16 @@ class Client:
         """
         if not 0.0 < level < 1.0:
             raise ValueError(f"level must be between 0 and 1, got {level!r}")
-        eff = self.effect(group)
-        kernel = self._kernel_for(eff.model_version)
+        value, key = self._source.one(group)
+        kernel = self._kernel_for(key)
+        eff = kernel.effect(group, value)
         spec = kernel.record.spec
         missing = [c for c in spec.covariates if c not in row]
         if missing:
-            raise ValueError(f"row lacks {missing}; the model needs {list(spec.covariates)}")
+            hints = [f"; {k!r} is not a covariate: did you mean {near!r}?" for k in row
+                     if k not in spec.covariates and (near := closest(k, missing))]
+            raise ValueError(f"row lacks {missing}; the model needs {list(spec.covariates)}"
+                             + "".join(hints[:1]))
         values = {}
         for c in spec.covariates:
             try:
@@ -494,7 +565,7 @@ class Client:
     def model(self, version: int | None = None) -> ModelRecord:
         """The current model record, or the stored ``version``."""
         if version is None:
-            return self._kernel_for(self.current_version()).record
+            return self._kernel_for(self._source.store.model_key()).record
         raw = self._source.store.get_model(version)
         if raw is None:
             raise ModelVersionNotFoundError(
@@ -512,22 +583,27 @@ class Client:
         """True when the store answers (raises the store's connection error otherwise)."""
         return self._source.ping()
 
-    def _kernel_for(self, version: int | None) -> _Kernel:
-        if version is None:
+    def model_key(self) -> ModelKey | None:
+        """The current model's (epoch, version); None before any model."""
+        return self._source.store.model_key()
+
+    def _kernel_for(self, key: ModelKey | None) -> _Kernel:
+        """The compiled model of ``key``, cached by the whole key: a version alone repeats
+        after a reset (the counter restarts at 1), an epoch does not."""
+        if key is None:
             raise ModelNotReady()
         kernel = self._kernel
-        if kernel is not None and kernel.version == version:
+        if kernel is not None and kernel.key == key:
             return kernel
         with self._lock:
             kernel = self._kernel
-            if kernel is None or kernel.version != version:
-                store = self._source.store
-                raw = store.get_model(version)
+            if kernel is None or kernel.key != key:
+                raw = self._source.store.get_model(key.version)
                 if raw is None:
                     raise StoreError(
-                        f"model version {version} is current but not stored; run "
+                        f"model version {key.version} is current but not stored; run "
                         "`streamlme model --rollback V` with a stored version or refresh again")
-                kernel = _Kernel(ModelRecord.from_json(raw, version=version))
+                kernel = _Kernel(ModelRecord.from_json(raw, version=key.version), key)
                 self._kernel = kernel
         return kernel
 

@@ -409,9 +409,38 @@ def store_figure(kind: str, store: Any, *, term: int | str = 0, top: int | None 
     stats = read_stats(store, len(model.spec.columns))
     if not len(stats):
         raise PlotError("the store holds no group statistics; consume some events first")
+    stats, left_out = finite_groups(stats, model)
+    if not len(stats):
+        raise PlotError(f"all {len(left_out)} groups have statistics that are not finite; "
+                        "rebuild the namespace (streamlme consume --rebuild)")
     if kind == "shrinkage":
-        return shrinkage_plot(stats, model.spec, model)
-    return caterpillar_plot(stats, model.spec, model, term=term, top=top)
+        fig = shrinkage_plot(stats, model.spec, model)
+    else:
+        fig = caterpillar_plot(stats, model.spec, model, term=term, top=top)
+    if left_out:
+        ax = fig.axes[0]
+        shown = ", ".join(repr(k) for k in left_out[:3]) + (", ..." if len(left_out) > 3 else "")
+        ax.set_title(f"{ax.get_title()}\n{len(left_out):,} group(s) left out, their statistics "
+                     f"or effects not finite: {shown}", fontsize=11)
+    return fig
+
+
+def finite_groups(stats: GroupStats, model: ModelRecord) -> tuple[GroupStats, list[str]]:
+    """``stats`` without the groups whose statistics, or whose effects under ``model``, are not
+    finite (an overflowing event reached the store), and the keys of those left out."""
+    from streamlme.store.shards import take
+
+    with np.errstate(all="ignore"):
+        ok = ((stats.n >= 0) & np.isfinite(stats.n) & np.isfinite(stats.mean).all(axis=1)
+              & np.isfinite(stats.C).all(axis=(1, 2)))
+        if ok.any() and stats.d == len(model.spec.columns):
+            kept = take(stats, np.flatnonzero(ok))
+            eff = model.effects(kept)
+            good = np.isfinite(eff.b).all(axis=1) & np.isfinite(eff.cov).all(axis=(1, 2))
+            ok[np.flatnonzero(ok)[~good]] = False
+    if ok.all():
+        return stats, []
+    return take(stats, np.flatnonzero(ok)), [k for k, good in zip(stats.keys, ok) if not good]
 
 
 def plot_command(kind: str, config_path: str | os.PathLike[str] | None,

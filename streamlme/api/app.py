@@ -19,6 +19,9 @@ effect``                                   ``streamlme effect LEVEL --term T``)
 ``GET  /``, ``GET /v1/status``, plots      the dashboard (`streamlme.api.dashboard`)
 =========================================  ================================================
 
+Before any route runs, `streamlme.api.guard.RequestGuard` answers a request without the token
+401 and a body over ``[api] max_request_bytes`` 413, without reading the body.
+
 A group id may hold any characters: percent-encode it in the path (``/`` as ``%2F``); the
 route takes the rest of the path up to ``/effect``, and so does a term's level. A term is named
 by its grouping factor as the formula writes it (``doctor`` also finds ``hospital:doctor`` when
@@ -34,14 +37,24 @@ is one Redis round trip of about 0.1 ms; handing it to a worker thread (FastAPI'
 plain functions) or going through redis.asyncio was measured here at half the throughput and a
 longer tail. The price: while Redis stalls, the loop waits too, so the API's Redis timeout is
 kept short (`REDIS_TIMEOUT`) and a stalled store turns into quick 503s.
+
+`serve` starts whether Redis answers or not: ``/healthz`` answers at once, ``/readyz`` is 503
+"waiting for Redis at HOST:PORT" until it does, and a namespace holding statistics of other
+columns than the model's is refused (at start-up, or when Redis first answers) with the same
+line as ``consume``. ``/readyz`` is also 503 while the namespace is flagged (rebuilding, or
+state lost: `streamlme.store.health`), with the flag's reason.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime,
 # and those of closures name local objects (the security scheme) that string annotations lose.
+import asyncio
 import hmac
 import json
+import logging
 import os
 import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Security
@@ -52,19 +65,30 @@ from starlette.convertors import Convertor, register_url_convertor
 
 from streamlme import __version__
 from streamlme.api import dashboard, errors, schemas
+from streamlme.api.guard import TOKEN_ENV, UNAUTHORIZED, RequestGuard
 from streamlme.client import Client, ModelNotReady
-from streamlme.config import Config
+from streamlme.config import ApiConfig, Config
 from streamlme.metrics import CONTENT_TYPE, MODEL_AGE, MODEL_VERSION, QUERY_LATENCY, metrics_text
 from streamlme.spec import ModelSpec
+from streamlme.store.errors import StoreError
+from streamlme.store.health import iso_time
+from streamlme.store.redis import RedisStore
 
-TOKEN_ENV = "STREAMLME_API_TOKEN"
+log = logging.getLogger(__name__)
+
 #: Seconds the API waits for Redis (connect, each reply) before answering 503.
 REDIS_TIMEOUT = 1.0
+#: Largest request body by default (``[api] max_request_bytes``).
+MAX_REQUEST_BYTES = ApiConfig().max_request_bytes
+#: Longest pause between two tries while Redis does not answer at start-up.
+WAIT_MAX = 5.0
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": schemas.Error, "description": "A body that cannot be parsed."},
     401: {"model": schemas.Error, "description": "Missing or wrong bearer token."},
-    422: {"model": schemas.Error, "description": "Invalid request."},
+    413: {"model": schemas.Error, "description": "Body over the server's max_request_bytes."},
+    422: {"model": schemas.Error, "description": "Invalid request, or a group whose "
+                                                 "statistics are not finite (bad_statistics)."},
     503: {"model": schemas.Error, "description": "No model yet, or the store cannot answer."},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
@@ -106,30 +130,101 @@ def _auth(token: str | None) -> Any:
             return
         given = credentials.credentials.encode() if credentials is not None else b""
         if not hmac.compare_digest(given, expected):
-            raise errors.ApiError(
-                401, "unauthorized",
-                "missing or wrong bearer token; send 'Authorization: Bearer <token>' with the "
-                f"token of the server's [api] token or {TOKEN_ENV}",
-                headers={"WWW-Authenticate": "Bearer"})
+            raise errors.ApiError(401, "unauthorized", UNAUTHORIZED,
+                                  headers={"WWW-Authenticate": "Bearer"})
 
     return check
 
 
-def build_app(client: Client, token: str | None = None, spec: ModelSpec | None = None) -> FastAPI:
+class Readiness:
+    """Whether the store has answered yet, and what stops the app for good.
+
+    ``where`` names the store in messages ("Redis at host:port"); ``check`` (run when Redis
+    first answers) raises StoreError for a namespace the model cannot use.
+    """
+
+    def __init__(self, where: str = "the store",
+                 check: Callable[[], None] | None = None) -> None:
+        self.where = where
+        self.check = check
+        self.checked = check is None
+        self.fatal: str | None = None
+        self.on_fatal: Callable[[], None] = lambda: None
+
+    def try_check(self) -> bool:
+        """Run the check once: True when it passed, False while the store does not answer;
+        a refused namespace raises StoreError (and is remembered as ``fatal``)."""
+        if self.checked or self.check is None:
+            return True
+        try:
+            self.check()
+        except StoreError as exc:
+            self.fatal = str(exc)
+            raise
+        except errors.STORE_ERRORS:
+            return False
+        self.checked = True
+        return True
+
+    async def wait(self) -> None:
+        """Try the check with backoff until Redis answers; log while it does not."""
+        delay = 0.25
+        while True:
+            try:
+                if await asyncio.to_thread(self.try_check):
+                    log.info("%s answers; serving", self.where)
+                    return
+            except StoreError as exc:
+                log.error("%s", exc)
+                self.on_fatal()
+                return
+            log.warning("waiting for %s (next try in %.1f s)", self.where, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, WAIT_MAX)
+
+
+def _pinned(client: Client) -> int | None:
+    """The model version ``streamlme model --rollback`` pinned, if the store knows pins."""
+    pinned = getattr(client.store, "pinned_model", None)
+    return pinned() if callable(pinned) else None
+
+
+def _flag_reason(health: Any) -> str:
+    since = iso_time(health.since)
+    return (f"namespace is flagged {health.flag!r}" + (f" since {since}" if since else "")
+            + (f": {health.reason}" if health.reason else ""))
+
+
+def build_app(client: Client, token: str | None = None, spec: ModelSpec | None = None,
+              *, max_request_bytes: int = MAX_REQUEST_BYTES,
+              readiness: Readiness | None = None) -> FastAPI:
     """The app over an existing Client; ``token`` None means no authentication.
 
     With the model's ``spec``, the schema of ``POST /v1/predict`` names the covariates a row
-    needs; without it a row is any map of names to numbers.
+    needs; without it a row is any map of names to numbers. Bodies over ``max_request_bytes``
+    are answered 413. ``readiness`` says where the store is and what to check when it first
+    answers (`create_app` gives one for a configuration's Redis).
     """
     predict_request = (schemas.predict_request_for(spec.covariates) if spec is not None
                        else schemas.PredictRequest)
+    ready = readiness or Readiness()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = None if ready.checked else asyncio.create_task(ready.wait())
+        yield
+        if task is not None:
+            task.cancel()
+
     app = FastAPI(
         title="streamlme", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
         description="Group effects on demand from a linear mixed model kept live over an "
-                    "event stream.",
+                    "event stream.", lifespan=lifespan,
     )
     errors.install(app)
+    app.add_middleware(RequestGuard, token=token, max_bytes=max_request_bytes)
     app.state.client = client
+    app.state.readiness = ready
     guarded = APIRouter(dependencies=[Depends(_auth(token))], responses=_ERRORS)
 
     @guarded.get("/v1/groups/{group:group}/effect", response_model=schemas.Effect,
@@ -158,10 +253,11 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
         return _json(eff.to_dict())
 
     @guarded.post("/v1/groups/effects", response_model=schemas.Effects,
-                  summary="Many groups' effects, in the order asked")
+                  summary="Many groups' effects, in the order asked; a group that cannot be "
+                          "answered gets its own error in its place")
     async def group_effects(body: schemas.EffectsRequest) -> Response:
         start = time.perf_counter()
-        effects = client.effects(body.groups)
+        effects = client.effects(body.groups, errors="report")
         QUERY_LATENCY.labels("effects").observe(time.perf_counter() - start)
         return _json({"effects": [e.to_dict() for e in effects]})
 
@@ -182,7 +278,12 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
     @guarded.get("/v1/model", response_model=schemas.Model, responses=_NOT_FOUND,
                  summary="The current model version, or a stored one")
     async def model(version: Annotated[int | None, Query(ge=1, le=2**62)] = None) -> Response:
-        return _json(client.model(version).to_dict())
+        rec = client.model(version)
+        health = client.store.health()
+        pinned = _pinned(client)
+        return _json({**rec.to_dict(), "gaps": [g.to_dict() for g in health.gaps],
+                      "complete": health.complete, "pinned": pinned == rec.version,
+                      "pinned_version": pinned})
 
     @guarded.get("/v1/model/versions", response_model=schemas.ModelVersions,
                  summary="Stored model versions, oldest first")
@@ -195,10 +296,12 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
                 continue  # trimmed from the history between the two reads
             fit = rec.fit
             versions.append({
-                "version": v, "created_at": rec.created_at, "method": fit["method"],
+                "version": v, "created_at": rec.created_at,
+                "created_at_iso": iso_time(rec.created_at), "method": fit["method"],
                 "converged": rec.converged, "criterion": fit.get("criterion"),
                 "n_obs": fit.get("n_obs", 0), "n_groups": fit.get("n_groups", 0)})
-        return _json({"current": client.current_version(), "versions": versions})
+        return _json({"current": client.current_version(), "pinned": _pinned(client),
+                      "versions": versions})
 
     @guarded.get("/metrics", response_class=Response, summary="Prometheus metrics",
                  responses={200: {"content": {"text/plain": {}}}})
@@ -227,11 +330,18 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
     @app.get("/readyz", response_model=schemas.Ready, summary="Store answers and a model exists",
              responses={503: {"model": schemas.Ready, "description": "Not ready, with why."}})
     async def readyz() -> Response:
+        if ready.fatal is not None:
+            return _json({"status": "not_ready", "reason": ready.fatal}, 503)
         try:
             client.ping()
             version = client.current_version()
+            health = client.store.health()
         except errors.STORE_ERRORS as exc:
-            return _json({"status": "not_ready", "reason": f"store unreachable: {exc}"}, 503)
+            return _json({"status": "not_ready",
+                          "reason": f"waiting for {ready.where}: unreachable ({exc})"}, 503)
+        if not health.ready:
+            return _json({"status": "not_ready", "reason": _flag_reason(health),
+                          "flag": health.flag, "since": iso_time(health.since)}, 503)
         if version is None:
             return _json({"status": "not_ready",
                           "reason": "no model yet; run `streamlme refresh`"}, 503)
@@ -247,14 +357,43 @@ def api_token(config: Config) -> str | None:
     return config.api.token or os.environ.get(TOKEN_ENV) or None
 
 
+def namespace_check(client: Client, spec: ModelSpec) -> Callable[[], None]:
+    """What `serve` checks when Redis answers: the namespace holds statistics of the model's
+    columns (the StoreError of `RedisStore` otherwise, the line ``consume`` prints)."""
+    def check() -> None:
+        store = client.store
+        if isinstance(store, RedisStore):
+            RedisStore(store.client, store.namespace, d=len(spec.columns), columns=spec.columns,
+                       retry_seconds=REDIS_TIMEOUT)
+    return check
+
+
 def create_app(config: Config) -> FastAPI:
-    """The app for a configuration (its store, its token)."""
-    return build_app(Client(config, timeout=REDIS_TIMEOUT), api_token(config), config.spec)
+    """The app for a configuration (its store, its token, its request size limit)."""
+    client = Client(config, timeout=REDIS_TIMEOUT)
+    r = config.redis
+    readiness = (Readiness(f"Redis at {r.safe_url}", namespace_check(client, config.spec))
+                 if r is not None else Readiness())
+    return build_app(client, api_token(config), config.spec,
+                     max_request_bytes=config.api.max_request_bytes, readiness=readiness)
 
 
 def serve(config: Config, access_log: bool = False) -> None:
-    """Run the API with uvicorn on ``[api] host`` and ``port`` until interrupted."""
+    """Run the API with uvicorn on ``[api] host`` and ``port`` until interrupted.
+
+    Raises StoreError (nothing served) for a namespace of other columns than the model's,
+    found at start-up or when Redis first answers; while Redis does not answer it serves
+    ``/healthz`` and a 503 ``/readyz`` and logs "waiting for Redis at ...".
+    """
     import uvicorn
 
-    uvicorn.run(create_app(config), host=config.api.host, port=config.api.port,
-                access_log=access_log, log_level="info")
+    app = create_app(config)
+    ready: Readiness = app.state.readiness
+    if not ready.try_check():  # StoreError: refused before the port is bound
+        log.warning("waiting for %s; serving /healthz meanwhile", ready.where)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.api.host, port=config.api.port,
+                                           access_log=access_log, log_level="info"))
+    ready.on_fatal = lambda: setattr(server, "should_exit", True)
+    server.run()
+    if ready.fatal is not None:
+        raise StoreError(ready.fatal)

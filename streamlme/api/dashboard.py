@@ -3,7 +3,8 @@
 =====================================  =========================================================
 ``GET  /``                             the page (no token needed to load it; its calls need one)
 ``GET  /static/{file}``                its script and style sheet
-``GET  /v1/status``                    ingest totals, rate and lag, live consumers, model age
+``GET  /v1/status``                    ingest totals, rate and lag, live consumers, model age,
+                                       the namespace's health (flag, gaps) and the pin
 ``GET  /v1/plots/{kind}.png``          shrinkage, caterpillar or trace plot of the store now
 =====================================  =========================================================
 
@@ -15,7 +16,12 @@ drops it from the address bar) or paste it into the page's token box.
 
 A plot is drawn server-side (`streamlme.plots.store_figure`) from every group's statistics,
 which costs time in proportion to the number of groups, so each PNG is kept per model version
-for `PLOT_TTL` seconds and drawn off the event loop, one drawing at a time.
+for `PLOT_TTL` seconds and drawn off the event loop, one drawing at a time. Groups whose
+statistics are not finite are left out of a plot, and its title says which.
+
+Times in ``/v1/status`` are unix seconds (the contract's ``time``, ``started_at``,
+``updated_at``) with an ISO 8601 twin (``time_iso``, ``started_at_iso``, ...); the namespace's
+own times are ISO 8601.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the handlers' annotations at runtime.
@@ -36,9 +42,10 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
 from streamlme.api import errors
-from streamlme.api.schemas import Error
+from streamlme.api.schemas import Error, OffsetGap
 from streamlme.client import Client, ModelNotReady
 from streamlme.status import read_status
+from streamlme.store.health import ModelKey, iso_time
 
 #: Seconds a drawn plot is served again before it is redrawn (within one model version).
 PLOT_TTL = 30.0
@@ -65,7 +72,22 @@ class ConsumerInfo(BaseModel):
     interval: float = Field(description="Seconds between its last two batches.")
     started_at: float
     updated_at: float
-    age_s: float = Field(description="Seconds since its last batch.")
+    started_at_iso: str
+    updated_at_iso: str = Field(description="Its last report (a batch, or a heartbeat while "
+                                            "idle), ISO 8601.")
+    age_s: float = Field(description="Seconds since its last report.")
+
+
+class NamespaceHealth(BaseModel):
+    epoch: str | None = Field(description="Drawn when the namespace was created; a reset "
+                                          "namespace has a new one.")
+    created_at: str | None
+    flag: str | None = Field(description='"rebuilding" or "lost" while its statistics must '
+                                         "not be served; null when healthy.")
+    reason: str | None = Field(description="Why it is flagged, and what to do.")
+    since: str | None = Field(description="When it was flagged (ISO 8601).")
+    gaps: list[OffsetGap] = Field(description="Offsets the statistics lack: the model does "
+                                              "not cover them.")
 
 
 class Status(BaseModel):
@@ -76,22 +98,28 @@ class Status(BaseModel):
     consumers: list[ConsumerInfo] = Field(description="Consumers seen in the last minute.")
     model_version: int | None
     model_age_s: float | None = Field(description="Seconds since the current model was fit.")
+    model_created_at_iso: str | None
+    pinned_version: int | None = Field(description="The model version pinned by `streamlme "
+                                                   "model --rollback`; null if none.")
     groups: int = Field(description="Groups with statistics in the store now.")
+    ready: bool = Field(description="False while the namespace is flagged (see namespace).")
+    namespace: NamespaceHealth
     time: float = Field(description="The server's clock (unix seconds).")
+    time_iso: str
 
 
 class _PlotCache:
     """PNG bytes per kind, valid for one model version and `PLOT_TTL` seconds."""
 
     def __init__(self) -> None:
-        self.entries: dict[PlotKind, tuple[int | None, float, bytes]] = {}
+        self.entries: dict[PlotKind, tuple[ModelKey | None, float, bytes]] = {}
         self.locks = {k: asyncio.Lock() for k in PlotKind}
         # matplotlib's Agg renderer is not meant for concurrent use of shared state.
         self.draw_lock = threading.Lock()
 
-    def fresh(self, kind: PlotKind, version: int | None) -> bytes | None:
+    def fresh(self, kind: PlotKind, key: ModelKey | None) -> bytes | None:
         entry = self.entries.get(kind)
-        if entry is None or entry[0] != version or time.monotonic() - entry[1] > PLOT_TTL:
+        if entry is None or entry[0] != key or time.monotonic() - entry[1] > PLOT_TTL:
             return None
         return entry[2]
 
@@ -116,6 +144,12 @@ def _png(data: bytes, version: int | None) -> Response:
         "X-Model-Version": str(version or 0)})
 
 
+def _consumer(record: dict[str, Any]) -> dict[str, Any]:
+    """A consumer's record with its times in ISO 8601 beside the unix seconds."""
+    return {**record, "started_at_iso": iso_time(record["started_at"]),
+            "updated_at_iso": iso_time(record["updated_at"])}
+
+
 def router(client: Client, auth: Depends) -> APIRouter:
     """The dashboard's routes over ``client``; ``auth`` guards its data routes, not the page."""
     cache = _PlotCache()
@@ -136,22 +170,30 @@ def router(client: Client, auth: Depends) -> APIRouter:
     async def status() -> Response:
         now = time.time()
         ingest = read_status(client.store, now)
+        health = client.store.health()
         try:
             model = client.model()
         except ModelNotReady:
-            version, age = None, None
+            version, age, created = None, None, None
         else:
-            version, age = model.version, max(now - model.created_at, 0.0)
+            version, age, created = model.version, max(now - model.created_at, 0.0), \
+                model.created_at
+        pinned = getattr(client.store, "pinned_model", None)
         return _json_response({
             "events_total": ingest.events_total,
             "events_rejected_total": ingest.events_rejected_total,
             "ingest_rate": ingest.ingest_rate,
             "lag": ingest.lag,
-            "consumers": [c.to_dict(now) for c in ingest.consumers],
+            "consumers": [_consumer(c.to_dict(now)) for c in ingest.consumers],
             "model_version": version,
             "model_age_s": age,
+            "model_created_at_iso": iso_time(created),
+            "pinned_version": pinned() if callable(pinned) else None,
             "groups": client.store.n_groups(),
+            "ready": health.ready,
+            "namespace": health.to_dict(),
             "time": now,
+            "time_iso": iso_time(now),
         })
 
     @guarded.get("/v1/plots/{kind}.png", response_class=Response,
@@ -163,18 +205,19 @@ def router(client: Client, auth: Depends) -> APIRouter:
     async def plot(kind: PlotKind) -> Response:
         from streamlme.plots import PlotError
 
-        version = client.current_version()
-        data = cache.fresh(kind, version)
+        key = client.model_key()  # by epoch too: a reset store repeats versions
+        version = key.version if key is not None else None
+        data = cache.fresh(kind, key)
         if data is not None:
             return _png(data, version)
         async with cache.locks[kind]:  # one drawing per kind; the waiters take its result
-            data = cache.fresh(kind, version)
+            data = cache.fresh(kind, key)
             if data is None:
                 try:
                     data = await run_in_threadpool(cache.draw, kind, client.store)
                 except PlotError as exc:
                     raise errors.ApiError(409, "nothing_to_plot", str(exc)) from None
-                cache.entries[kind] = (version, time.monotonic(), data)
+                cache.entries[kind] = (key, time.monotonic(), data)
         return _png(data, version)
 
     routes.include_router(guarded)

@@ -4,22 +4,28 @@
 raised                                   status  ``error``
 =======================================  ======  ===================
 body that is not JSON at all             400     bad_request
-request that fails validation            422     invalid_request
+request that fails validation            422     invalid_request (unknown names get
+                                                 "did you mean")
 group id that cannot name a key          422     invalid_group
 row the model cannot use (predict)       422     invalid_row
+group whose statistics are not finite    422     bad_statistics (in a many-groups
+                                                 request: that group's item only)
 missing or wrong bearer token            401     unauthorized
+body over [api] max_request_bytes        413     too_large (`streamlme.api.guard`)
 model version not stored                 404     not_found
 no random-effect term on the factor      404     unknown_term (``detail`` lists the terms)
 group route on a several-term model      422     term_required
 unknown route                            404     not_found
 no model yet                             503     model_not_ready
 Redis down, unreadable record            503     store_unavailable
+anything else (a bug)                    500     internal_error, logged with its traceback
 =======================================  ======  ===================
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -31,10 +37,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from streamlme.client import (
+    BadStatisticsError,
     ModelNotReady,
     ModelVersionNotFoundError,
     TermRequired,
     UnknownTermError,
+    closest,
 )
 from streamlme.model import ModelRecordError
 from streamlme.stats import StatsError
@@ -84,6 +92,7 @@ def install(app: FastAPI) -> None:
     def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type")}
                   for e in exc.errors()]
+        _hint_names(detail, exc.errors())
         first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
         if any(e["type"] == "json_invalid" for e in detail):
@@ -96,6 +105,17 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(KeyNameError)
     def _group(request: Request, exc: KeyNameError) -> JSONResponse:
         return error_response(422, "invalid_group", str(exc))
+
+    @app.exception_handler(BadStatisticsError)
+    def _bad_stats(request: Request, exc: BadStatisticsError) -> JSONResponse:
+        return error_response(422, "bad_statistics", str(exc))
+
+    @app.exception_handler(Exception)
+    def _bug(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal_error",
+                              f"the server failed on this request ({type(exc).__name__}); "
+                              "it is logged; please report it")
 
     @app.exception_handler(ModelNotReady)
     def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
@@ -126,3 +146,23 @@ def _store_unavailable(request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "store_unavailable",
                           f"the state store cannot answer: {exc}; check Redis and retry",
                           headers={"Retry-After": "1"})
+
+
+def _hint_names(detail: list[dict[str, Any]], raw: Sequence[Any]) -> None:
+    """Add "did you mean" to missing and unknown names: an unknown field is matched with the
+    missing ones beside it, a missing row covariate with the row's other keys."""
+    for item, e in zip(detail, raw):
+        loc = tuple(e.get("loc", ()))
+        if not loc or not isinstance(loc[-1], str):
+            continue
+        parent, name = loc[:-1], loc[-1]
+        if e.get("type") == "extra_forbidden":
+            missing = [str(o["loc"][-1]) for o in raw if o.get("type") == "missing"
+                       and tuple(o.get("loc", ()))[:-1] == parent]
+            near = closest(name, missing)
+            if near is not None:
+                item["msg"] += f"; did you mean {near!r}?"
+        elif e.get("type") == "missing" and isinstance(e.get("input"), dict):
+            near = closest(name, [k for k in e["input"] if isinstance(k, str)])
+            if near is not None:
+                item["msg"] += f"; did you mean {name!r} instead of {near!r}?"

@@ -54,8 +54,19 @@ class EffectsRequest(BaseModel):
     groups: list[GroupId] = Field(min_length=1, max_length=MAX_BATCH)
 
 
+class GroupError(BaseModel):
+    """A group of a many-groups request that has no answer, in its place in the list."""
+
+    group: str
+    error: str = Field(description='A stable code: "bad_statistics" (the group\'s statistics '
+                                   "are not finite).")
+    message: str = Field(description="What is wrong and what to do.")
+
+
 class Effects(BaseModel):
-    effects: list[Effect] = Field(description="One per group asked, in the order asked.")
+    effects: list[Effect | GroupError] = Field(
+        description="One per group asked, in the order asked: an effect, or that group's "
+                    "error (the others are answered).")
 
 
 class PredictRequest(BaseModel):
@@ -94,6 +105,17 @@ class Prediction(BaseModel):
     known: bool
 
 
+class OffsetGap(BaseModel):
+    """Offsets ``from`` up to (not including) ``to`` of a partition that the statistics lack."""
+
+    topic: str
+    partition: int
+    from_: int = Field(alias="from")
+    to: int
+    events: int = Field(description="Offsets in the gap (an upper bound of the events lost).")
+    recorded_at: str | None = Field(description="When it was recorded (ISO 8601).")
+
+
 class Model(BaseModel):
     """A model version: the fields of `streamlme fit --json` plus version and created_at."""
 
@@ -108,11 +130,20 @@ class Model(BaseModel):
     beta: dict[str, float]
     G: list[list[float]]
     sigma2: float
+    created_at_iso: str = Field(description="created_at in ISO 8601 (UTC).")
+    gaps: list[OffsetGap] = Field(
+        description="Offset ranges the consumers accepted as lost ([kafka] on_gap = "
+                    '"record"): the model does not cover those events.')
+    complete: bool = Field(description="True when no gap is recorded.")
+    pinned: bool = Field(description="True when this version is pinned by "
+                                     "`streamlme model --rollback`.")
+    pinned_version: int | None = Field(description="The pinned version, null if none.")
 
 
 class ModelVersion(BaseModel):
     version: int
     created_at: float
+    created_at_iso: str
     method: str
     converged: bool
     criterion: float | None
@@ -122,6 +153,8 @@ class ModelVersion(BaseModel):
 
 class ModelVersions(BaseModel):
     current: int | None = Field(description="The version queries use; null before any refresh.")
+    pinned: int | None = Field(description="The version `streamlme model --rollback` pinned "
+                                           "(the refresher writes no new one); null if none.")
     versions: list[ModelVersion] = Field(description="Stored versions, oldest first.")
 
 
@@ -133,6 +166,9 @@ class Ready(BaseModel):
     status: str = Field(description='"ready" or "not_ready".')
     model_version: int | None = None
     reason: str | None = None
+    flag: str | None = Field(None, description='While the namespace is flagged: "rebuilding" '
+                                               'or "lost".')
+    since: str | None = Field(None, description="When it was flagged (ISO 8601).")
 
 
 class Error(BaseModel):
