@@ -326,14 +326,34 @@ def store_migrate(config_path: str) -> None:
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def serve(config_path: str) -> None:
-    """The HTTP API: group effects, predictions, models, health and Prometheus metrics."""
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML configuration.")
+@click.option("--host", default=None, help="Address to listen on (default: [api] host, "
+              "127.0.0.1; 0.0.0.0 for every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=None,
+              help="Port to listen on (default: [api] port, 8000).")
+def serve(config_path: str, host: str | None, port: int | None) -> None:
+    """The HTTP API: group effects, predictions, models, health and Prometheus metrics.
+
+    Starts even while Redis is down (/readyz says "waiting for Redis at ..."); refuses, with
+    exit 1, a namespace holding statistics of other columns than the model's.
+    Example: streamlme serve --config streamlme.toml --port 8000
+    """
+    import msgspec
+
     from streamlme.api.app import serve as run_server
+    from streamlme.store.errors import StoreError
 
     cfg = _load(config_path)
+    cfg.api = msgspec.structs.replace(cfg.api, **{k: v for k, v in (("host", host),
+                                                                    ("port", port))
+                                             if v is not None})
     _logging()
-    run_server(cfg)
+    try:
+        run_server(cfg)
+    except StoreError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
 
 
 @main.command()
