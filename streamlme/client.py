@@ -100,10 +100,11 @@ class GroupError:
 
 
 def closest(name: str, known: Sequence[str]) -> str | None:
-    """The name of ``known`` closest to ``name`` (difflib's ratio of at least 0.6), or None:
-    what a "did you mean" names."""
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return close[0] if close else None
+    """The name of ``known`` closest to ``name`` (difflib's ratio of at least 0.6, ignoring
+    case), or None: what a "did you mean" names."""
+    by_lower = {k.lower(): k for k in reversed(list(known))}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return by_lower[close[0]] if close else None
 
 
 def _effect_line(group: str, n: float, effect: dict[str, float], cov: list[list[float]],

@@ -66,7 +66,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from streamlme import __version__
 from streamlme.api import dashboard, errors, schemas
 from streamlme.api.guard import TOKEN_ENV, UNAUTHORIZED, RequestGuard
-from streamlme.client import Client, ModelNotReady
+from streamlme.client import BadStatisticsError, Client, ModelNotReady
 from streamlme.config import ApiConfig, Config
 from streamlme.metrics import CONTENT_TYPE, MODEL_AGE, MODEL_VERSION, QUERY_LATENCY, metrics_text
 from streamlme.spec import ModelSpec
@@ -269,7 +269,7 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
         try:
             pred = client.predict(body.group, row, body.level)
         except ValueError as exc:
-            if isinstance(exc, errors.KeyNameError):
+            if isinstance(exc, (errors.KeyNameError, BadStatisticsError)):
                 raise
             raise errors.ApiError(422, "invalid_row", str(exc)) from None
         QUERY_LATENCY.labels("predict").observe(time.perf_counter() - start)

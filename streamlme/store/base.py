@@ -27,9 +27,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import ClassVar, Protocol, runtime_checkable
 
 from streamlme.stats import GroupStats
+from streamlme.store.errors import StoreError
 from streamlme.store.health import Gap, Health, ModelKey
 
 #: A Kafka partition as (topic, partition).
@@ -86,6 +87,21 @@ def cell_levels(key: str) -> tuple[str, ...]:
         return ()
     return tuple(levels)
 
+
+# -- pinned model ---------------------------------------------------------------------------
+
+
+class ModelWriteRefusedError(StoreError):
+    """`StateStore.put_model_checked` wrote nothing: ``reason`` is "pinned" (an operator pinned
+    a version with ``streamlme model --rollback``), "flagged" (the namespace is rebuilding or
+    lost) or "epoch" (the namespace was reset since its statistics were read)."""
+
+    #: the scripts' refusal codes -> reasons
+    REASONS: ClassVar[dict[str, str]] = {"PINNED": "pinned", "FLAGGED": "flagged", "EPOCH": "epoch"}
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 @runtime_checkable
 class StateStore(Protocol):
@@ -228,6 +244,30 @@ class StateStore(Protocol):
     def values_and_model_key(self, groups: Sequence[str]
                              ) -> tuple[list[bytes | None], ModelKey | None]:
         """The byte records of ``groups`` and the current `ModelKey`, in one round trip."""
+        ...
+
+    # pinned model (``streamlme model --rollback V`` pins V, ``--unpin`` removes the pin)
+
+    def pin_model(self, version: int) -> None:
+        """Make stored ``version`` current and pin it, in one atomic step."""
+        ...
+
+    def unpin_model(self) -> int | None:
+        """Remove the pin; the version that was pinned, or None."""
+        ...
+
+    def pinned_model(self) -> int | None:
+        """The pinned version, or None when none is pinned."""
+        ...
+
+    def model_pin(self) -> tuple[int, float] | None:
+        """(pinned version, unix time it was pinned), or None."""
+        ...
+
+    def put_model_checked(self, record: bytes | str, epoch: str | None,
+                          fence: int | None = None, keep: int | None = None) -> int:
+        """`put_model` unless a version is pinned, the namespace is flagged or its epoch is not
+        ``epoch``: then `ModelWriteRefusedError` and nothing is written, atomically."""
         ...
 
     # consumer status (see streamlme.status)

@@ -47,6 +47,7 @@ import numpy as np
 from streamlme.stats import GroupStats, unpack_many
 from streamlme.store.base import (
     MergeResult,
+    ModelWriteRefusedError,
     OffsetRange,
     ShardBatch,
     TopicPartition,
@@ -98,6 +99,8 @@ class MemoryStore:
         self._model_seq = 0
         self._model_current: int | None = None
         self._fence: int | None = None
+        # the pinned model: (epoch, version, since); a cleared namespace's new epoch lapses it
+        self._pin: tuple[str, int, float] | None = None
         # the refresh leader's lease: (owner, token, monotonic expiry); never snapshotted, as
         # a lease belongs to a running process
         self._lease: tuple[str, int, float] | None = None
@@ -416,6 +419,42 @@ class MemoryStore:
             if int(version) not in self._models:
                 raise StoreError(f"model version {version} is not stored")
             self._model_current = int(version)
+
+    # -- pinned model (`streamlme model --rollback V` / `--unpin`) ---------------------------
+
+    def pin_model(self, version: int) -> None:
+        """Make stored ``version`` current and pin it (see `RedisStore.pin_model`)."""
+        with self._lock:
+            self.set_current(version)
+            self._pin = (self._epoch, int(version), time.time())
+
+    def unpin_model(self) -> int | None:
+        with self._lock:
+            version = self.pinned_model()
+            self._pin = None
+            return version
+
+    def pinned_model(self) -> int | None:
+        return None if (pin := self.model_pin()) is None else pin[0]
+
+    def model_pin(self) -> tuple[int, float] | None:
+        with self._lock:
+            if self._pin is None or self._pin[0] != self._epoch:
+                return None
+            return self._pin[1], self._pin[2]
+
+    def put_model_checked(self, record: bytes | str, epoch: str | None,
+                          fence: int | None = None, keep: int | None = None) -> int:
+        """`put_model` unless pinned, flagged or of another epoch (`ModelWriteRefusedError`)."""
+        with self._lock:
+            if (pinned := self.pinned_model()) is not None:
+                raise ModelWriteRefusedError("pinned", f"version {pinned} is pinned")
+            if self._flag is not None:
+                raise ModelWriteRefusedError("flagged", f"the namespace is flagged {self._flag[0]}")
+            if epoch != self._epoch:
+                raise ModelWriteRefusedError("epoch", f"the namespace epoch is {self._epoch}, not "
+                                                 f"{epoch} (it was reset)")
+            return self.put_model(record, fence=fence, keep=keep)
 
     # -- the refresh leader's lease (see streamlme.lease) -------------------------------------
 

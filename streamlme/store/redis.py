@@ -74,7 +74,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats
-from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, TopicPartition
+from streamlme.store.base import (
+    MergeResult,
+    ModelWriteRefusedError,
+    OffsetRange,
+    ShardBatch,
+    TopicPartition,
+)
 from streamlme.store.errors import StaleFenceError, StoreError
 from streamlme.store.health import Gap, Health, ModelKey, check_flag, new_epoch
 from streamlme.store.keys import (
@@ -734,6 +740,72 @@ class RedisStore:
             return values, None
         return values, ModelKey(None if epoch is None else epoch.decode(), int(version))
 
+    # -- pinned model (`streamlme model --rollback V` / `--unpin`) ---------------------------
+
+    def _pin_keys(self) -> list[str]:
+        return [*self._model_keys(), self.keys.meta]
+
+    def _pin_script(self, args: list[Any]) -> Any:
+        try:
+            return self._retrying(lambda: self._models(keys=self._pin_keys(), args=args))
+        except ResponseError as e:
+            _raise_pin_refusal(e)
+            raise
+
+    def pin_model(self, version: int) -> None:
+        """Make stored ``version`` current and pin it, atomically: `put_model_checked` writes
+        nothing until `unpin_model`. StoreError if the version is not stored."""
+        self._create()  # the pin lives in the namespace's meta, which must record the layout
+        self._pin_script(["pin", int(version), repr(time.time())])
+
+    def unpin_model(self) -> int | None:
+        """Remove the pin; the version that was pinned (None if none was)."""
+        reply = self._pin_script(["unpin"])
+        return None if reply is None else int(reply)
+
+    def pinned_model(self) -> int | None:
+        """The pinned model version, or None when no version is pinned."""
+        return None if (pin := self.model_pin()) is None else pin[0]
+
+    def model_pin(self) -> tuple[int, float] | None:
+        """(pinned version, when it was pinned), or None."""
+        version, since = self._retrying(
+            lambda: self.client.hmget(self.keys.meta, "pinned", "pinned_at"))
+        return None if version is None else (int(version), float(since or 0.0))
+
+    def put_model_checked(self, record: bytes | str, epoch: str | None,
+                          fence: int | None = None, keep: int | None = None) -> int:
+        """`put_model`, refused atomically (`ModelWriteRefusedError`, nothing written) while a
+        version is pinned, while the namespace is flagged, or when its epoch is no longer
+        ``epoch`` (the namespace was reset since the statistics were read)."""
+        keep = self.model_history if keep is None else keep
+        if keep < 1:
+            raise StoreError(f"keep must be at least 1, got {keep}")
+        return int(self._pin_script(["put_checked", record, "" if fence is None else int(fence),
+                                     keep, epoch or ""]))
+
+    # -- dead letters the merge kept (refused retraction steps) -------------------------------
+
+    def _dead_key(self, shard: int) -> str:
+        """Hash of shard ``shard``'s kept dead letters: ``topic:partition:offset`` -> record."""
+        return f"{self.keys.shard(shard).tag}:dead"
+
+    def dead_letters(self) -> dict[int, dict[str, bytes]]:
+        """Per shard (those holding any), the dead letters merges kept and nobody sent yet."""
+        out: dict[int, dict[str, bytes]] = {}
+        for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
+            shards = range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))
+            replies = self._pipeline([("HGETALL", self._dead_key(s)) for s in shards])
+            for shard, fields in zip(shards, replies, strict=True):
+                if fields:
+                    out[shard] = {f.decode(): bytes(v) for f, v in dict(fields).items()}
+        return out
+
+    def delete_dead_letters(self, shard: int, fields: Sequence[str]) -> None:
+        """HDEL exactly ``fields`` (sent) from shard ``shard``'s kept dead letters."""
+        if fields:
+            self._pipeline([("HDEL", self._dead_key(shard), *fields)])
+
     # -- consumer status (see streamlme.status) ----------------------------------------------
 
     def write_status(self, consumer: str, record: Mapping[str, str | int | float], ttl: float,
@@ -852,3 +924,11 @@ def _raise_refusal(e: ResponseError) -> None:
         raise StaleFenceError(message) from e
     if code in _SCRIPT_ERRORS:
         raise StoreError(message) from e
+
+
+def _raise_pin_refusal(e: ResponseError) -> None:
+    """`ModelWriteRefusedError` for the pin's refusals; else as `_raise_refusal`."""
+    code, _, message = str(e).partition(" ")
+    if code in ModelWriteRefusedError.REASONS:
+        raise ModelWriteRefusedError(ModelWriteRefusedError.REASONS[code], message) from e
+    _raise_refusal(e)
