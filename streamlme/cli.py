@@ -453,9 +453,15 @@ def config_init(with_kafka: bool, with_redis: bool, bootstrap_servers: str | Non
               help="With --input: append refused lines to this JSON-lines file, with reasons.")
 @click.option("--metrics-port", type=int, default=None,
               help="Serve this process's Prometheus metrics at http://127.0.0.1:PORT/metrics.")
+@click.option("--rebuild", is_flag=True,
+              help="Clear the statistics (models stay) and replay the topic from its earliest "
+                   "offsets; refused when retention deleted events the namespace covered.")
 def consume(config_path: str, max_events: int | None, until_idle: float | None,
-            input_path: str | None, dead_letters: str | None, metrics_port: int | None) -> None:
+            input_path: str | None, dead_letters: str | None, metrics_port: int | None,
+            rebuild: bool) -> None:
     """Fold events from Kafka (or JSON lines) into the per-group statistics; prints a JSON report.
+
+    Exits 3 when the store lost state (run again with --rebuild) or on an offset gap.
 
     Example: streamlme consume --config streamlme.toml --until-idle 10
     """
@@ -467,7 +473,7 @@ def consume(config_path: str, max_events: int | None, until_idle: float | None,
     _metrics(metrics_port)
     if cfg.kafka is None and input_path is None:
         input_path = "-"
-    report = run_consume(cfg, max_events, until_idle, input_path, dead_letters)
+    report = run_consume(cfg, max_events, until_idle, input_path, dead_letters, rebuild)
     emit_json(report.to_dict())
 
 

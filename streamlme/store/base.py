@@ -46,27 +46,56 @@ class OffsetRange:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of the per-event path of a group with retractions in a batch: a run of its adds
+    (aggregated, ``retract`` False) or one retraction. A retraction may carry its dead-letter
+    record (``dead``, keyed ``dead_field`` = ``topic:partition:offset``), which the store keeps
+    in the same atomic call when it refuses the retraction (see `StateStore.dead_letters`)."""
+
+    key: str
+    stats: GroupStats
+    retract: bool = False
+    dead_field: str = ""
+    dead: bytes = b""
+
+
+@dataclass(frozen=True)
 class ShardBatch:
     """One shard's part of a micro-batch: its cells' deltas and the offset ranges it covers
-    (every partition of the batch, including those that brought none of its cells)."""
+    (every partition of the batch, including those that brought none of its cells).
+
+    ``adds`` and ``retracts`` hold groups aggregated over the batch (adds first); ``steps`` the
+    ordered per-event path of groups with retractions (none of which is in ``adds``).
+    ``starts`` says the call records partitions' starts: only then may the shard lack a record
+    of a partition (otherwise that is statistics without their offsets, lost state).
+    """
 
     adds: GroupStats
     retracts: GroupStats | None = None
     offsets: Mapping[TopicPartition, OffsetRange] = field(default_factory=dict)
+    steps: Sequence[Step] = ()
+    starts: bool = False
 
 
 @dataclass
 class MergeResult:
     """What `StateStore.merge` did.
 
-    ``applied`` is False when the batch was refused because a partition's recorded offset did not
-    equal the batch's start (``conflicts`` maps those partitions to the recorded offset).
-    ``overdrawn`` lists groups whose retraction was refused because it exceeded their mass.
+    ``applied`` is False when the batch was refused (nothing changed): because a partition's
+    recorded offset did not equal the batch's start (``conflicts`` maps those partitions to the
+    recorded offset), because the shard has no record of partitions it should have
+    (``missing``: it lost state), or because cell ``nonfinite``'s result would not be finite.
+    ``overdrawn`` lists groups whose aggregated retraction was refused (more than their mass, or
+    a co-moment diagonal left negative); ``refused_steps`` the indices of refused retraction
+    steps (their dead letters are kept in the store).
     """
 
     applied: bool
     conflicts: dict[TopicPartition, int] = field(default_factory=dict)
     overdrawn: list[str] = field(default_factory=list)
+    missing: list[TopicPartition] = field(default_factory=list)
+    nonfinite: str | None = None
+    refused_steps: list[int] = field(default_factory=list)
 
 
 def cell_levels(key: str) -> tuple[str, ...]:
@@ -268,6 +297,17 @@ class StateStore(Protocol):
                           fence: int | None = None, keep: int | None = None) -> int:
         """`put_model` unless a version is pinned, the namespace is flagged or its epoch is not
         ``epoch``: then `ModelWriteRefusedError` and nothing is written, atomically."""
+        ...
+
+    # dead letters kept by the merge (refused retraction steps), until the consumer sent them
+
+    def dead_letters(self) -> dict[int, dict[str, bytes]]:
+        """Per shard, the dead-letter records the merge kept (``topic:partition:offset`` ->
+        record), not yet sent."""
+        ...
+
+    def delete_dead_letters(self, shard: int, fields: Sequence[str]) -> None:
+        """Forget the given dead letters of ``shard`` (sent; by field, never by count)."""
         ...
 
     # consumer status (see streamlme.status)

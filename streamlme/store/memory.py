@@ -50,6 +50,7 @@ from streamlme.store.base import (
     ModelWriteRefusedError,
     OffsetRange,
     ShardBatch,
+    Step,
     TopicPartition,
     cell_levels,
 )
@@ -111,6 +112,8 @@ class MemoryStore:
         self._created_at = time.time()
         self._flag: tuple[str, str, float] | None = None
         self._gaps: dict[str, Gap] = {}
+        # dead letters of refused retraction steps, kept until the consumer sent them
+        self._dead: dict[str, bytes] = {}
         # consumer status: records (with their expiry) and all-time totals, never snapshotted
         self._status: dict[str, tuple[float, dict[str, str]]] = {}
         self._totals: dict[str, int] = {}
@@ -145,8 +148,7 @@ class MemoryStore:
             raise StoreError(f"MemoryStore has one shard, 0; got parts for {sorted(parts)}")
         if not parts:
             return {}
-        part = parts[0]
-        return {0: self.merge(part.adds, part.retracts, part.offsets, half_life)}
+        return {0: self._merge(parts[0], half_life)}
 
     def shard_offsets(self, topic: str) -> dict[int, dict[int, int]]:
         recorded = self.offsets(topic)
@@ -172,16 +174,23 @@ class MemoryStore:
         offsets: Mapping[TopicPartition, OffsetRange] | None = None,
         half_life: float | None = None,
     ) -> MergeResult:
-        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets``; all or nothing."""
-        retracts = retracts if retracts is not None and len(retracts) else None
-        offsets = dict(offsets or {})
+        """Fold ``adds`` in, then take ``retracts`` out, and record ``offsets``; all or nothing.
+
+        A partition without a record may start anywhere (this call records starts)."""
+        return self._merge(ShardBatch(adds, retracts, dict(offsets or {}), starts=True),
+                           half_life)
+
+    def _merge(self, part: ShardBatch, half_life: float | None) -> MergeResult:
+        """One shard's part, exactly as merge.lua applies it (see the script's header)."""
+        retracts = part.retracts if part.retracts is not None and len(part.retracts) else None
+        offsets = dict(part.offsets)
         for (topic, partition), rng in offsets.items():
             if rng.end < rng.start:
                 raise StoreError(f"offset range of {topic}:{partition} ends before it starts")
         if half_life is not None and not (half_life > 0 and half_life != float("inf")):
             raise StoreError(f"half_life must be a positive finite number, got {half_life}")
         with self._lock:
-            width = self._check_width(adds, retracts)
+            width = self._check_width(part.adds, retracts, part.steps)
             conflicts = {
                 tp: self._offsets[tp]
                 for tp, rng in offsets.items()
@@ -189,27 +198,60 @@ class MemoryStore:
             }
             if conflicts:
                 return MergeResult(applied=False, conflicts=conflicts)
+            missing = [tp for tp in offsets if tp not in self._offsets]
+            if missing and not part.starts:
+                return MergeResult(applied=False, missing=missing)
+            work, order = _Work(self._stats, part), []
+            if len(part.adds):
+                work.add(part.adds, half_life)
+                order += part.adds.keys
+            overdrawn = [k for k in (retracts.keys if retracts is not None else ())
+                         if not work.retract(retracts.select([k]), order)]
+            refused: list[int] = []
+            dead: dict[str, bytes] = {}
+            for i, step in enumerate(part.steps):
+                if not step.retract:
+                    work.add(step.stats, half_life)
+                    order.append(step.key)
+                elif not work.retract(step.stats, order):
+                    refused.append(i)
+                    if step.dead:
+                        dead[step.dead_field] = step.dead
+            bad = work.first_nonfinite(order)
+            if bad is not None:
+                return MergeResult(applied=False, nonfinite=bad)
             if width is not None:
                 self._d = width
                 self._version += 1
-            if len(adds):
-                before = 0 if self._stats is None else len(self._stats)
-                if self._stats is None:
-                    # Exactly what merging into zeros gives: m_b * (n_b / n_b) is m_b.
-                    self._stats = adds.copy()
-                else:
-                    self._stats.merge(adds, half_life=half_life)
-                # new cells are appended: index only those
-                self._index_cells(self._stats.keys[before:])
-            overdrawn: list[str] = []
-            if retracts is not None:
-                overdrawn = self._retract(retracts)
+            self._commit(work)
+            self._dead.update(dead)
             for tp, rng in offsets.items():
                 self._offsets[tp] = rng.end
-            return MergeResult(applied=True, overdrawn=overdrawn)
+            return MergeResult(applied=True, overdrawn=overdrawn, refused_steps=refused)
 
-    def _check_width(self, adds: GroupStats, retracts: GroupStats | None) -> int | None:
+    def _commit(self, work: _Work) -> None:
+        """Write the worked rows back (new cells appended, and indexed)."""
+        stats = work.stats
+        if stats is None or not len(stats):
+            return
+        if self._stats is None:
+            self._stats = stats
+            self._index_cells(stats.keys)
+            return
+        new = [k for k in stats.keys if k not in self._stats]
+        if new:
+            d = stats.d
+            self._stats.merge(GroupStats(new, np.zeros(len(new)), np.zeros((len(new), d)),
+                                         np.zeros((len(new), d, d)), np.full(len(new), np.nan)))
+            self._index_cells(new)
+        idx = np.array([self._stats.index(k) for k in stats.keys], dtype=np.intp)
+        self._stats.n[idx], self._stats.mean[idx] = stats.n, stats.mean
+        self._stats.C[idx], self._stats.t[idx] = stats.C, stats.t
+
+    def _check_width(self, adds: GroupStats, retracts: GroupStats | None,
+                     steps: Sequence[Step] = ()) -> int | None:
         widths = {s.d for s in (adds, retracts) if s is not None and len(s)}
+        widths |= {step.stats.d for step in steps}
         if len(widths) > 1:
             raise StoreError(f"adds and retracts differ in width: {sorted(widths)}")
         width = widths.pop() if widths else None
@@ -222,20 +264,16 @@ class MemoryStore:
             for position, level in enumerate(cell_levels(key)):
                 self._cells.setdefault((position, level), []).append(key)
 
-    def _retract(self, retracts: GroupStats) -> list[str]:
-        stats = self._stats
-        if stats is None:
-            return list(retracts.keys)
-        have = np.array([k in stats for k in retracts.keys])
-        n_now = np.zeros(len(retracts))
-        if have.any():
-            n_now[have] = stats.n[[stats.index(k) for k, h in zip(retracts.keys, have,
-                                                                   strict=True) if h]]
-        ok = have & ~(n_now - retracts.n < -OVERDRAW_RTOL * n_now)
-        if ok.any():
-            stats.retract(retracts.select([k for k, o in zip(retracts.keys, ok, strict=True)
-                                           if o]))
-        return [k for k, o in zip(retracts.keys, ok, strict=True) if not o]
+    # -- dead letters the merge kept (refused retraction steps) ------------------------------
+
+    def dead_letters(self) -> dict[int, dict[str, bytes]]:
+        with self._lock:
+            return {0: dict(self._dead)} if self._dead else {}
+
+    def delete_dead_letters(self, shard: int, fields: Sequence[str]) -> None:
+        with self._lock:
+            for f in fields:
+                self._dead.pop(f, None)
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -597,6 +635,79 @@ class MemoryStore:
         flag = header.get("flag")
         self._flag = (str(flag[0]), str(flag[1]), float(flag[2])) if flag else None
         self._gaps = {g.field: g for g in map(Gap.from_json, header.get("gaps") or ())}
+
+
+class _Work:
+    """Copies of the rows a merge touches, so that a refused merge (a non-finite result)
+    changes nothing; retractions computed as merge.lua computes them, operation for operation."""
+
+    def __init__(self, stats: GroupStats | None, part: ShardBatch) -> None:
+        keys = dict.fromkeys([*part.adds.keys,
+                              *(part.retracts.keys if part.retracts is not None else ()),
+                              *(step.key for step in part.steps)])
+        have = [k for k in keys if stats is not None and k in stats]
+        self.stats: GroupStats | None = stats.select(have) if have else None
+
+    def add(self, adds: GroupStats, half_life: float | None) -> None:
+        if self.stats is None:
+            # exactly what merging into zeros gives: m_b * (n_b / n_b) is m_b
+            self.stats = adds.copy()
+        else:
+            self.stats.merge(adds, half_life=half_life)
+
+    def retract(self, b: GroupStats, order: list[str]) -> bool:
+        """Take the one group of ``b`` out; False (nothing changed) if that overdraws it."""
+        key, stats = b.keys[0], self.stats
+        if stats is None or key not in stats:
+            return False
+        i = stats.index(key)
+        out = _retract_one(stats, i, b)
+        if out is None:
+            return False
+        stats.n[i], stats.mean[i], stats.C[i] = out
+        order.append(key)
+        return True
+
+    def first_nonfinite(self, order: Sequence[str]) -> str | None:
+        stats = self.stats
+        for key in dict.fromkeys(order):
+            i = stats.index(key)
+            if not (np.isfinite(stats.n[i]) and np.isfinite(stats.mean[i]).all()
+                    and np.isfinite(stats.C[i]).all()):
+                return key
+        return None
+
+
+def _retract_one(stats: GroupStats, i: int, b: GroupStats
+                 ) -> tuple[float, np.ndarray, np.ndarray] | None:
+    """merge.lua's ``retract`` of b's one group from row i, in Python floats (the same IEEE
+    operations in the same order, so the same bits), or None when refused as overdrawn."""
+    d = stats.d
+    n, n_b = float(stats.n[i]), float(b.n[0])
+    if n - n_b < -OVERDRAW_RTOL * n:
+        return None
+    if n - n_b <= 1e-12 * max(n, 1.0):
+        return 0.0, np.zeros(d), np.zeros((d, d))
+    m, mb = stats.mean[i].tolist(), b.mean[0].tolist()
+    C, Cb = stats.C[i], b.C[0]
+    n_a = n - n_b
+    r = n_b / n_a
+    m_a = [m[j] + r * (m[j] - mb[j]) for j in range(d)]
+    delta = [mb[j] - m_a[j] for j in range(d)]
+    w = n_a * n_b / n
+    out = np.zeros((d, d))
+    for row in range(d):
+        wd = w * delta[row]
+        for col in range(row, d):
+            value = float(C[row, col]) + -float(Cb[row, col]) + -(wd * delta[col])
+            out[row, col] = out[col, row] = value
+    for j in range(d):
+        wd = w * delta[j]
+        scale = float(C[j, j]) + float(Cb[j, j]) + abs(wd) * (abs(delta[j]) + abs(m[j])
+                                                              + abs(mb[j]))
+        if out[j, j] < -OVERDRAW_RTOL * scale:
+            return None
+    return n_a, np.array(m_a), out
 
 
 def _positive_ttl(seconds: float) -> float:

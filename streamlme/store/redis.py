@@ -79,6 +79,7 @@ from streamlme.store.base import (
     ModelWriteRefusedError,
     OffsetRange,
     ShardBatch,
+    Step,
     TopicPartition,
 )
 from streamlme.store.errors import StaleFenceError, StoreError
@@ -119,6 +120,27 @@ def _lua(name: str) -> str:
 def _records(stats: GroupStats | None) -> bytes:
     """All groups of ``stats`` as one concatenation of their byte records."""
     return b"".join(stats.to_bytes()) if stats is not None and len(stats) else b""
+
+
+def _step_records(steps: Sequence[Step]) -> bytes:
+    """The steps' one-group deltas as one concatenation of their byte records."""
+    return b"".join(step.stats.to_bytes_one(0) for step in steps)
+
+
+def _merge_result(reply: Sequence[Any], retract_keys: Sequence[str]) -> MergeResult:
+    """A `MergeResult` from merge.lua's reply (see the script's header)."""
+    code = reply[0]
+    if code == 0:
+        return MergeResult(applied=False, conflicts={
+            parse_offset_field(reply[i]): int(reply[i + 1]) for i in range(1, len(reply), 2)})
+    if code == 2:
+        return MergeResult(applied=False, missing=[parse_offset_field(f) for f in reply[1:]])
+    if code == 3:
+        return MergeResult(applied=False, nonfinite=_decode(reply[1]))
+    nr = len(retract_keys)
+    refused = [int(i) for i in reply[1:]]
+    return MergeResult(applied=True, overdrawn=[retract_keys[i - 1] for i in refused if i <= nr],
+                       refused_steps=[i - 1 - nr for i in refused if i > nr])
 
 
 def _decode(field: bytes) -> str:
@@ -377,12 +399,16 @@ class RedisStore:
         touched = set(parts_a) | set(parts_r)
         shards = range(self.n_shards) if offsets else sorted(touched)
         empty = GroupStats.empty(adds.d)
-        parts = {s: ShardBatch(parts_a.get(s, empty), parts_r.get(s), offsets) for s in shards}
+        # the whole-store call records offsets in every shard at once: a partition's start too
+        parts = {s: ShardBatch(parts_a.get(s, empty), parts_r.get(s), offsets, starts=True)
+                 for s in shards}
         results = self.merge_shards(parts, half_life)
         out = MergeResult(applied=all(r.applied for r in results.values()))
         for r in results.values():
             out.conflicts.update(r.conflicts)
             out.overdrawn.extend(r.overdrawn)
+            out.missing.extend(r.missing)
+            out.nonfinite = out.nonfinite or r.nonfinite
         return out
 
     def merge_shards(self, parts: Mapping[int, ShardBatch], half_life: float | None = None
@@ -410,13 +436,7 @@ class RedisStore:
         replies = self._evalsha_all(calls)
         results: dict[int, MergeResult] = {}
         for shard, reply in replies.items():
-            if reply[0] == 0:
-                conflicts = {parse_offset_field(reply[i]): int(reply[i + 1])
-                             for i in range(1, len(reply), 2)}
-                results[shard] = MergeResult(applied=False, conflicts=conflicts)
-            else:
-                results[shard] = MergeResult(
-                    applied=True, overdrawn=[retract_keys[shard][i - 1] for i in reply[1:]])
+            results[shard] = _merge_result(reply, retract_keys[shard])
         if width is not None and self._d is None:
             self._d = width
         return results
@@ -426,11 +446,14 @@ class RedisStore:
         adds, retracts = part.adds, part.retracts
         retracts = retracts if retracts is not None and len(retracts) else None
         n_adds = len(adds) if adds is not None else 0
-        width = adds.d if n_adds else (retracts.d if retracts is not None else self._d)
-        if retracts is not None and n_adds and retracts.d != adds.d:
-            raise StoreError(f"adds have {adds.d} columns but retracts have {retracts.d}")
-        if self._d is not None and width is not None and (n_adds or retracts) \
-                and width != self._d:
+        steps = list(part.steps)
+        widths = {s.d for s in (adds if n_adds else None, retracts) if s is not None}
+        widths |= {step.stats.d for step in steps}
+        if len(widths) > 1:
+            raise StoreError(f"the deltas of one batch differ in width: {sorted(widths)}")
+        touches = bool(n_adds or retracts or steps)
+        width = widths.pop() if widths else self._d
+        if self._d is not None and width is not None and touches and width != self._d:
             raise StoreError(f"batch has {width} columns; this store holds {self._d}")
         triples: list[str | int] = []
         for (topic, partition), rng in part.offsets.items():
@@ -444,11 +467,15 @@ class RedisStore:
             "" if half_life is None else repr(float(half_life)),
             n_adds, len(r_keys),
             _records(adds if n_adds else None), _records(retracts),
-            self._columns_json(), len(part.offsets), *triples,
+            self._columns_json(), len(part.offsets), len(steps), _step_records(steps),
+            "".join("r" if step.retract else "a" for step in steps),
+            "start" if part.starts else "", *triples,
             *[encode_group(k) for k in a_keys], *[encode_group(k) for k in r_keys],
+            *[encode_group(step.key) for step in steps],
+            *[x for step in steps for x in (step.dead_field, step.dead)],
         ]
-        keys = self.keys.shard(shard).all
-        return (len(keys), *keys, *args), r_keys, width if (n_adds or retracts) else None
+        keys = (*self.keys.shard(shard).all, self._dead_key(shard))
+        return (len(keys), *keys, *args), r_keys, width if touches else None
 
     def _evalsha_all(self, calls: Mapping[int, tuple[Any, ...]]) -> dict[int, Any]:
         """EVALSHA every call, pipelined; load the script where a node lacks it; raise the
@@ -653,7 +680,7 @@ class RedisStore:
         """Delete every key of the namespace: its shards', then its own."""
         if self._read_layout() is not None or self._shards is not None:
             for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
-                self._pipeline([("UNLINK", *self.keys.shard(s).all)
+                self._pipeline([("UNLINK", *self.keys.shard(s).all, self._dead_key(s))
                                 for s in range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))])
         k = self.keys
         consumers = self._retrying(lambda: self.client.zrange(k.consumers, 0, -1))
@@ -687,6 +714,7 @@ class RedisStore:
         """Flag the namespace (creating it if new): readers refuse its statistics until
         `clear_flag`."""
         check_flag(flag)
+        self._shards = None  # the namespace may be gone (a FLUSHDB): record it again if so
         self._create()
         self._pipeline([("HSET", self.keys.meta, "flag", flag, "reason", reason,
                          "since", repr(time.time()))])

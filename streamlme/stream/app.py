@@ -50,16 +50,19 @@ def make_source(config: Config, input_path: str | None,
     k = config.kafka
     return (
         KafkaSource(k.topic, k.consumer_kwargs()),
-        KafkaDeadLetters(k.dead_letter_topic, k.producer_kwargs()),
+        KafkaDeadLetters(k.dead_letter_topic, k.producer_kwargs(),
+                         max_message_bytes=k.max_message_bytes),
     )
 
 
 def make_ingestor(config: Config, store: StateStore, input_path: str | None = None,
-                  dead_letters: str | None = None) -> Ingestor:
+                  dead_letters: str | None = None, rebuild: bool = False) -> Ingestor:
+    """The configured loop; ``rebuild`` replays the topic into fresh statistics."""
     source, dead_letter_sink = make_source(config, input_path, dead_letters)
     k = config.kafka if input_path is None else None
     decoder = EventDecoder(
-        config.spec, k.max_message_bytes if k is not None else EMBEDDED_MAX_MESSAGE_BYTES
+        config.spec, k.max_message_bytes if k is not None else EMBEDDED_MAX_MESSAGE_BYTES,
+        max_future=config.model.max_future,
     )
     rejections = RejectionLog()
     return Ingestor(
@@ -68,6 +71,9 @@ def make_ingestor(config: Config, store: StateStore, input_path: str | None = No
         batch_max_seconds=k.batch_max_seconds if k is not None else EMBEDDED_BATCH_SECONDS,
         half_life=config.model.half_life,
         on_rejection=rejections.record,
+        on_gap=k.on_gap if k is not None else "stop",
+        rebuild=rebuild,
+        config_hint=str(config.source),
     )
 
 
@@ -77,17 +83,19 @@ def run_consume(
     until_idle: float | None = None,
     source: str | None = None,
     dead_letters: str | None = None,
+    rebuild: bool = False,
 ) -> ConsumeReport:
     """Consume until SIGTERM/SIGINT, ``max_events`` read, ``until_idle`` seconds without events,
-    or (for a file) its end. ``source`` is a JSON-lines file or ``"-"`` for stdin, whose refused
-    lines go to the ``dead_letters`` JSON-lines file if given; None reads the configured Kafka
-    topic (refused events go to its dead-letter topic)."""
+    or (for a file) its end; ``rebuild`` first clears the statistics and replays the topic
+    (raises `StateLostError` when it cannot). ``source`` is a JSON-lines file or ``"-"`` for
+    stdin, whose refused lines go to the ``dead_letters`` JSON-lines file if given; None reads
+    the configured Kafka topic (refused events go to its dead-letter topic)."""
     if dead_letters is not None and source is None:
         raise ConfigError([f"{config.source}: consume from Kafka sends refused events to "
                            "kafka.dead_letter_topic; --dead-letters is for --input FILE"])
     store = open_store(config)
     try:
-        ingestor = make_ingestor(config, store, source, dead_letters)
+        ingestor = make_ingestor(config, store, source, dead_letters, rebuild)
         ingestor.install_signal_handlers()
         return ingestor.run(max_events=max_events, until_idle=until_idle)
     finally:

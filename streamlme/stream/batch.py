@@ -89,6 +89,81 @@ def fold(
     return Delta(adds, retracts, rows, [keys[c] for c in codes[rows]], len(codes))
 
 
+@dataclass
+class Ordered:
+    """Per-group deltas of one micro-batch for the store's per-event path (`fold_ordered`).
+
+    ``adds`` aggregates the groups with no retraction in the batch. Each group with one gets
+    ``steps`` in row order: (group, delta, is_retraction, row), a run of adds aggregated, each
+    retraction alone (``row`` is its position in the folded rows, -1 for a run of adds).
+    """
+
+    adds: GroupStats
+    steps: list[tuple[str, GroupStats, bool, int]]
+
+
+def fold_ordered(
+    groups: Sequence[str],
+    W: ArrayLike,
+    weights: ArrayLike | None = None,
+    ts: ArrayLike | None = None,
+    retract: ArrayLike | None = None,
+    half_life: float | None = None,
+) -> Ordered:
+    """`fold`, but with the retractions kept in order, so that the store checks each one
+    against its group as it stands at that event (whatever the batching).
+
+    >>> import numpy as np
+    >>> W = np.array([[1.0, 2.0], [5.0, 1.0], [3.0, 4.0], [3.0, 4.0], [1.0, 1.0]])
+    >>> out = fold_ordered(["a", "b", "a", "a", "a"], W,
+    ...                    retract=np.array([False, False, False, True, False]))
+    >>> out.adds.keys, [(g, len(s), r, row) for g, s, r, row in out.steps]
+    (['b'], [('a', 1, False, -1), ('a', 1, True, 3), ('a', 1, False, -1)])
+    >>> out.steps[0][1].n.tolist()
+    [2.0]
+    """
+    W = np.asarray(W, dtype=float)
+    d = W.shape[1] if W.ndim == 2 else 0
+    codes, keys = code_groups(groups)
+    v = None if weights is None else np.asarray(weights, dtype=float)
+    t = None
+    if half_life is not None:
+        now = time.time()
+        t = np.full(len(codes), now) if ts is None else np.asarray(ts, dtype=float)
+        t = np.where(np.isnan(t), now, t)
+    mask = np.zeros(len(codes), bool) if retract is None else np.asarray(retract, dtype=bool)
+    ordered = np.zeros(len(keys), bool)
+    ordered[codes[mask]] = True
+    plain = ~ordered[codes]
+    adds = _stats(codes, keys, W, v, t, half_life, plain, d)
+    steps: list[tuple[str, GroupStats, bool, int]] = []
+    rows_of: dict[int, list[int]] = {}
+    for row in np.flatnonzero(~plain).tolist():
+        rows_of.setdefault(int(codes[row]), []).append(row)
+    for code, rows in rows_of.items():
+        run: list[int] = []
+        for row in [*rows, -1]:
+            if row >= 0 and not mask[row]:
+                run.append(row)
+                continue
+            if run:
+                steps.append((keys[code], _rows(keys[code], W, v, t, half_life, run), False, -1))
+                run = []
+            if row >= 0:
+                steps.append((keys[code], _rows(keys[code], W, v, t, half_life, [row]), True,
+                              row))
+    return Ordered(adds, steps)
+
+
+def _rows(key: str, W: NDArray[np.float64], v: NDArray[np.float64] | None,
+          t: NDArray[np.float64] | None, half_life: float | None, rows: list[int]) -> GroupStats:
+    """One group's statistics over ``rows``."""
+    idx = np.array(rows, dtype=np.intp)
+    return GroupStats.from_codes(np.zeros(len(idx), np.intp), [key], W[idx],
+                                 None if v is None else v[idx], None if t is None else t[idx],
+                                 half_life)
+
+
 def _stats(
     codes: NDArray[np.intp],
     keys: list[str],

@@ -25,12 +25,33 @@ start where that shard's record ends. So the loop
 - on a Redis failure during a merge, whose outcome is then unknown, retries the same parts with
   capped exponential backoff (the refusal rule above sorts out which had landed).
 
+It folds nothing from a store that lost its state (`StateLostError`, exit 3, after flagging
+the namespace "lost"): a namespace without records of a partition for which Kafka holds
+committed offsets of the group beyond the earliest available one (or committed against another
+namespace epoch, which the commit's metadata carries); a shard with statistics but no offsets
+record, or without any record in a namespace whose other shards have one; a shard refusing a
+part because it has no record of a partition (only a call recording a partition's start may
+find none). ``rebuild`` clears the statistics and replays every partition from its beginning
+under the flag "rebuilding", cleared once the replay reaches the end offsets seen at start;
+it refuses when the topic no longer holds every event the namespace covered.
+
+An offset gap (the next record lies beyond a partition's recorded offset, and that offset is
+below the partition's log start: retention deleted events the store never saw) stops the
+consumer with exit 3 (``on_gap="stop"``), or is applied and recorded (``on_gap="record"``).
+
+Retractions go to the store in order, event by event (`streamlme.stream.batch.fold_ordered`),
+each with its dead-letter record, which the merge keeps when it refuses the retraction; the
+consumer sends those and then deletes exactly what it sent, and drains any left over at start.
+A merge refused as non-finite dead-letters that cell's events of the batch (``overflow``) and
+applies the rest.
+
 docs/operations.md gives the argument, including a crash between two shard calls. Pending
 records of partitions that are revoked are dropped; their new owner reads them again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -45,9 +66,10 @@ from streamlme.events import Rejection
 from streamlme.metrics import CONSUMER_LAG, EVENTS_DEAD_LETTERED, EVENTS_INGESTED
 from streamlme.stats import GroupStats
 from streamlme.status import StatusPublisher
-from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, StateStore
+from streamlme.store.base import MergeResult, OffsetRange, ShardBatch, StateStore, Step
+from streamlme.store.health import Gap, StateLostError
 from streamlme.store.shards import shard_ids
-from streamlme.stream.batch import fold
+from streamlme.stream.batch import fold_ordered
 from streamlme.stream.dlq import RETRACT_EXCEEDS_GROUP, DeadLetterError, DeadLetters
 from streamlme.stream.source import TP, Source
 
@@ -116,7 +138,11 @@ class Backoff:
 
 
 class Ingestor:
-    """Runs the loop over one source into one store. Stop it with `stop` (or SIGTERM/SIGINT)."""
+    """Runs the loop over one source into one store. Stop it with `stop` (or SIGTERM/SIGINT).
+
+    ``on_gap`` is "stop" or "record" (see the module docstring); ``rebuild`` replays the topic
+    into fresh statistics; ``config_hint`` names the configuration in recovery messages.
+    """
 
     def __init__(
         self,
@@ -132,6 +158,10 @@ class Ingestor:
         backoff: Backoff | None = None,
         status: StatusPublisher | None = None,
         sync_seconds: float = 2.0,
+        on_gap: str = "stop",
+        rebuild: bool = False,
+        config_hint: str = "FILE",
+        heartbeat_seconds: float = 2.0,
     ) -> None:
         self.source = source
         self.store = store
@@ -157,6 +187,19 @@ class Ingestor:
         self._n_pending = 0
         self._ever_assigned = False
         self._assigned_at = 0.0
+        self.on_gap = on_gap
+        self.rebuild = rebuild
+        self.config_hint = config_hint
+        self.heartbeat_seconds = heartbeat_seconds
+        self._status_at = 0.0
+        # partitions assigned since the last poll, whose store state is not checked yet
+        self._unchecked: set[TP] = set()
+        # while rebuilding: per partition, the end offset the replay must reach
+        self._rebuild_ends: dict[TP, int] | None = None
+        self._epoch: str | None = None
+        self._origins: dict[TP, int] = {}
+        self._gaps: list[Gap] = []
+        self._excluded: set[int] = set()  # decoded rows dead-lettered as overflow
 
     # -- control ----------------------------------------------------------------------------
 
@@ -188,12 +231,15 @@ class Ingestor:
                     self._positions.load(tp, recorded)
                     if tp in self._positions and self.source.replayable:
                         self.source.seek(tp, self._positions.resume(tp))
+                    elif self.source.replayable:
+                        self._unchecked.add(tp)
         log.info("assigned %s", sorted(tps))
 
     def _on_revoked(self, tps: list[TP]) -> None:
         dropped = 0
         for tp in tps:
             dropped += len(self._pending.pop(tp, ()))
+            self._unchecked.discard(tp)
             self._positions.forget(tp)
             self._read.pop(tp, None)
         self._n_pending -= dropped
@@ -211,6 +257,7 @@ class Ingestor:
         last_record = start
         batch_started = None
         try:
+            self._prepare()
             while not self._stop.is_set():
                 room = self.batch_max_events - self._n_pending
                 if max_events is not None:
@@ -241,6 +288,7 @@ class Ingestor:
                     break
                 if not self._n_pending:
                     self._sync()
+                    self._heartbeat()
                 if until_idle is not None and self._idle_for(now, last_record) >= until_idle:
                     break
             self._flush()
@@ -267,12 +315,195 @@ class Ingestor:
 
     def _poll(self, timeout: float, room: int) -> Mapping[TP, list[Any]]:
         try:
-            return self.source.poll(timeout, room)
+            polled = self.source.poll(timeout, room)
         except self._transient as exc:
             log.warning("poll failed (%s); retrying", exc)
             self.report.reconnects += 1
             self._sleep(self.backoff.first)
             return {}
+        if self._unchecked:
+            polled = self._check_new(polled)
+        return polled
+
+    def _heartbeat(self) -> None:
+        """While idle, tell `/v1/status` every ``heartbeat_seconds`` that this consumer lives
+        (and see whether a rebuild has caught up)."""
+        now = time.monotonic()
+        if now - self._status_at < self.heartbeat_seconds:
+            return
+        self._status_at = now
+        if self._rebuild_ends is not None:
+            self._rebuilt()
+        try:
+            self.status.publish(self.report, self._lag())
+        except self._transient as exc:
+            log.debug("status heartbeat failed: %s", exc)
+
+    # -- store identity ---------------------------------------------------------------------
+
+    def _lost(self, found: str) -> StateLostError:
+        """Flag the namespace "lost" and return the error to raise (nothing was folded)."""
+        message = (f"{found}; nothing was folded. Recover with `streamlme consume --config "
+                   f"{self.config_hint} --rebuild` (replays the topic into fresh statistics)")
+        self._retry("flagging the namespace", lambda: self.store.set_flag("lost", message))
+        return StateLostError(message)
+
+    def _prepare(self) -> None:
+        """Before the first poll: refuse a store flagged or found without its state, start a
+        rebuild, send dead letters merges kept."""
+        health = self._retry("reading the namespace's health", self.store.health)
+        self._epoch = health.epoch
+        if self.rebuild:
+            self._start_rebuild()
+        elif health.flag == "lost":
+            raise StateLostError(health.reason or "the namespace is flagged lost; run "
+                                 f"`streamlme consume --config {self.config_hint} --rebuild`")
+        else:
+            if health.flag == "rebuilding":
+                log.info("the namespace is being rebuilt (%s); going on with it", health.reason)
+                self._rebuild_ends = self._ends()
+            if self.source.replayable:  # stdin records no offsets: nothing to compare
+                self._check_presence()
+        self._drain_dead()
+        if self._rebuild_ends == {}:
+            self._finish_rebuild()  # nothing to replay
+
+    def _check_presence(self) -> None:
+        presence = self._retry("reading shard presence", self.store.shard_presence)
+        with_stats_only = [s for s, (stats, offsets) in enumerate(presence)
+                           if stats and not offsets]
+        if with_stats_only:
+            raise self._lost(f"shard(s) {with_stats_only[:10]} of the store hold statistics "
+                             "but no offsets record (their offsets were lost)")
+        recorded = [s for s, (_, offsets) in enumerate(presence) if offsets]
+        empty = [s for s, (stats, offsets) in enumerate(presence) if not stats and not offsets]
+        if recorded and empty:
+            raise self._lost(f"shard(s) {empty[:10]} of the store hold no record at all while "
+                             f"{len(recorded)} other shard(s) do (a failover to an empty "
+                             "replica, or keys deleted)")
+
+    def _ends(self) -> dict[TP, int]:
+        parts = self._retry("listing the topic's partitions", self.source.partitions)
+        bounds = self._retry("reading the topic's offsets", lambda: self.source.bounds(parts))
+        return {tp: end for tp, (begin, end) in bounds.items() if end > begin}
+
+    def _start_rebuild(self) -> None:
+        """Refuse when the topic lost events the namespace covered; else flag "rebuilding",
+        clear the statistics (models stay) and replay every partition from its beginning."""
+        parts = self._retry("listing the topic's partitions", self.source.partitions)
+        bounds = self._retry("reading the topic's offsets", lambda: self.source.bounds(parts))
+        gone = []
+        for tp, (begin, _) in sorted(bounds.items()):
+            origin = self._origin(tp)
+            if begin > origin:
+                gone.append(f"{tp[0]}:{tp[1]} offsets {origin}..{begin - 1}")
+        if gone:
+            raise StateLostError(
+                "cannot rebuild: the topic no longer holds every event the namespace covered "
+                f"({'; '.join(gone)} were deleted by retention); nothing was changed. Restore "
+                "the namespace from a backup, or start a new namespace from what the topic holds")
+        self._retry("flagging the namespace", lambda: self.store.set_flag(
+            "rebuilding", "consume --rebuild is replaying the topic into fresh statistics"))
+        self._retry("clearing the statistics", self.store.clear_statistics)
+        self._rebuild_ends = {tp: end for tp, (begin, end) in bounds.items() if end > begin}
+        log.info("rebuilding: statistics cleared; replaying %s up to %s", sorted(bounds),
+                 self._rebuild_ends)
+
+    def _origin(self, tp: TP) -> int:
+        """The offset the namespace started ``tp`` from: as the group's commit records it,
+        else 0 (a namespace that started at the beginning)."""
+        committed = self._retry("reading committed offsets", lambda: self.source.committed(tp))
+        meta = _commit_metadata(committed[1]) if committed else {}
+        return int(meta.get("origin", 0))
+
+    def _check_new(self, polled: Mapping[TP, list[Any]]) -> Mapping[TP, list[Any]]:
+        """Partitions newly assigned without any record in the store: replay them from the
+        beginning (rebuilding), or make sure the store did not lose them."""
+        out = dict(polled)
+        todo, self._unchecked = sorted(self._unchecked), set()
+        bounds = self._retry("reading the topic's offsets", lambda: self.source.bounds(todo))
+        for tp in todo:
+            begin = bounds[tp][0]
+            if self._rebuild_ends is not None:  # rebuilding: replay it all
+                self.source.seek(tp, begin)
+                out.pop(tp, None)
+                continue
+            committed = self._retry("reading committed offsets",
+                                    lambda tp=tp: self.source.committed(tp))
+            if committed is None:
+                continue
+            offset, metadata = committed
+            meta = _commit_metadata(metadata)
+            if "origin" in meta:
+                self._origins[tp] = int(meta["origin"])
+            if meta.get("epoch") and meta["epoch"] != self._epoch:
+                raise self._lost(
+                    f"Kafka's committed offset {offset} of {tp[0]}:{tp[1]} was made against "
+                    f"namespace epoch {meta['epoch']}, the store's is {self._epoch} (the store "
+                    "was reset) and holds no record of the partition")
+            if offset > begin:
+                raise self._lost(
+                    f"the store holds no record of {tp[0]}:{tp[1]} while Kafka holds the "
+                    f"group's committed offset {offset}, beyond the earliest {begin} (Redis "
+                    "restarted empty or was flushed)")
+        return out
+
+    def _check_gaps(self, pending: Mapping[TP, list[Any]]) -> dict[TP, int]:
+        """Per partition whose records jump past the recorded offset, where its range starts
+        (the recorded offset). A jump over offsets retention deleted (the record is below the
+        log start) is a gap: refused (`on_gap` "stop") or kept to record after the merge."""
+        starts: dict[TP, int] = {}
+        jumped = [tp for tp, recs in pending.items() if recs and tp in self._positions
+                  and recs[0].offset > self._positions.resume(tp)]
+        if not jumped:
+            return starts
+        bounds = self._retry("reading the topic's offsets", lambda: self.source.bounds(jumped))
+        for tp in jumped:
+            at, first = self._positions.resume(tp), pending[tp][0].offset
+            starts[tp] = at
+            if at >= bounds[tp][0]:
+                continue  # transaction markers or compaction: nothing was lost
+            if self.on_gap != "record":
+                raise StateLostError(
+                    f"offset gap in {tp[0]}:{tp[1]}: the store holds events up to offset {at}, "
+                    f"the partition now starts at {bounds[tp][0]} (retention deleted offsets "
+                    f"{at}..{first - 1} before they were folded); nothing was folded. Set "
+                    "[kafka] on_gap = \"record\" to go on and record the gap (models will not "
+                    "cover it); --rebuild cannot help, those events are gone")
+            log.warning("offset gap in %s:%d: offsets %d..%d were deleted before they were "
+                        "folded; recording it (on_gap = \"record\")", tp[0], tp[1], at, first - 1)
+            self._gaps.append(Gap(tp[0], tp[1], at, first, time.time()))
+        return starts
+
+    def _rebuilt(self) -> None:
+        """Clear the "rebuilding" flag once every partition reached the end seen at start."""
+        if not self._rebuild_ends:
+            if self._rebuild_ends is not None:
+                self._finish_rebuild()
+            return
+        topics = {tp[0] for tp in self._rebuild_ends}
+        recorded = {t: self._retry("reading offsets", lambda t=t: self.store.offsets(t))
+                    for t in topics}
+        if all(recorded[tp[0]].get(tp[1], -1) >= end for tp, end in self._rebuild_ends.items()):
+            self._finish_rebuild()
+
+    def _finish_rebuild(self) -> None:
+        self._retry("clearing the namespace's flag", self.store.clear_flag)
+        self._rebuild_ends = None
+        log.info("rebuild caught up with the end offsets seen at start; the namespace is ready")
+
+    def _drain_dead(self) -> None:
+        """Send the dead letters merges kept (refused retractions), then delete what was sent."""
+        kept = self._retry("reading kept dead letters", self.store.dead_letters)
+        if not kept:
+            return
+        for records in kept.values():
+            for record in records.values():
+                self.dead_letters.add_record(record)
+        self._retry("sending dead letters", self.dead_letters.flush)
+        for shard, records in kept.items():
+            self._retry("deleting sent dead letters",
+                        lambda s=shard, f=list(records): self.store.delete_dead_letters(s, f))
 
     def _lag(self) -> int | None:
         try:
@@ -301,6 +532,7 @@ class Ingestor:
     def _flush(self) -> None:
         if not self._n_pending:
             return
+        jumps = self._check_gaps(self._pending) if self.source.replayable else {}
         pending, self._pending, self._n_pending = self._pending, {}, 0
         rejected_before = dict(self.dead_letters.counts)
         tps = [tp for tp, recs in pending.items() if recs]
@@ -320,12 +552,14 @@ class Ingestor:
         ranges: dict[TP, OffsetRange] = {}
         if self.source.replayable:
             for tp in tps:
-                ranges[tp] = OffsetRange(pending[tp][0].offset, pending[tp][-1].offset + 1)
+                start = jumps.get(tp, pending[tp][0].offset)
+                ranges[tp] = OffsetRange(start, pending[tp][-1].offset + 1)
             self._record_starts(ranges)
         batch = _Batch(decoded, tp_of[decoded.index] if len(decoded) else np.zeros(0, np.intp),
                        np.array([r.offset for r in records], dtype=np.int64)[decoded.index]
                        if len(decoded) else np.zeros(0, np.int64),
-                       shard_ids(decoded.groups, self.store.n_shards), tps, ranges)
+                       shard_ids(decoded.groups, self.store.n_shards), tps, ranges, records,
+                       np.zeros(len(decoded), bool))
         for tp, rng in ranges.items():
             if self._read.get(tp, (None, None))[1] != rng.start:
                 self._read[tp] = (rng.start, rng.end)  # read afresh from here (a seek)
@@ -333,15 +567,19 @@ class Ingestor:
                 self._read[tp] = (self._read[tp][0], rng.end)
         applied, refused = self._apply(batch)
         self.report.batches += 1
-        self.report.events_applied += applied - len(refused)
-        self._dead_letter_overdrawn(refused, batch, records, tp_of)
+        self.report.events_applied += applied - refused
+        for gap in self._gaps:
+            self._retry("recording an offset gap", lambda g=gap: self.store.record_gap(g))
+        self._gaps = []
         self._sync()
         if ranges:
             self._commit({tp: self._positions.resume(tp) for tp in ranges
                           if tp in self._positions})
+        if self._rebuild_ends is not None:
+            self._rebuilt()
         self.report.rejected = dict(self.dead_letters.counts)
         self.status.publish(self.report, self._lag())
-        self._record_metrics(applied - len(refused), rejected_before)
+        self._record_metrics(applied - refused, rejected_before)
 
     def _sync(self, force: bool = False) -> None:
         """Move the records of shards that recent batches did not touch up to the end of what
@@ -373,6 +611,8 @@ class Ingestor:
                 for tp, rng in parts[shard].offsets.items():
                     self._positions.set(tp, shard, rng.end)
                 continue
+            if result.missing:
+                raise self._lost_shard(shard, result)
             # Refused: the shard's record is not where this consumer had it. Ahead (a retry
             # that landed, another consumer): take it. Behind (a failover lost acknowledged
             # writes): take it and replay from Kafka, even if no later batch touches the shard.
@@ -393,31 +633,38 @@ class Ingestor:
                if tp not in self._positions}
         if not new:
             return
-        parts = {s: ShardBatch(_EMPTY, None, new) for s in range(self.store.n_shards)}
+        parts = {s: ShardBatch(_EMPTY, None, new, starts=True)
+                 for s in range(self.store.n_shards)}
         results = self._retry("recording offsets",
                               lambda: self.store.merge_shards(parts, self.half_life))
         for shard, result in results.items():
             for tp, rng in new.items():
                 # refused: another consumer got there first; its record is the shard's truth
                 self._positions.set(tp, shard, result.conflicts.get(tp, rng.start))
+                self._origins.setdefault(tp, rng.start)
 
-    def _apply(self, batch: _Batch) -> tuple[int, list[int]]:
-        """Merge every shard's part; returns the events applied and the decoded rows whose
-        retraction was refused as overdrawn."""
+    def _lost_shard(self, shard: int, result: MergeResult) -> StateLostError:
+        where = ", ".join(f"{t}:{p}" for t, p in result.missing)
+        return self._lost(f"shard {shard} of the store has no offsets record of {where}, which "
+                          "this consumer had recorded there (its state was lost: Redis "
+                          "restarted empty, was flushed, or failed over to an empty replica)")
+
+    def _apply(self, batch: _Batch) -> tuple[int, int]:
+        """Merge every shard's part; returns the events applied and those refused in the
+        merge (overdrawn retractions, dead-lettered from the store)."""
         todo = {int(s): self._part(batch, int(s)) for s in np.unique(batch.shards).tolist()}
         todo = {s: p for s, p in todo.items() if p is not None}
         # a batch the store held (part of) already: a replay, a retry, or a zombie's
         refused = sum(len(p.rows) for p in todo.values()) < len(batch.shards)
-        applied = 0
-        overdrawn_rows: list[int] = []
-        for _attempt in range(5):
-            if not todo:
-                break
+        applied = overdrawn = 0
+        attempts = 0
+        while todo and attempts < 5:
             parts = {s: p.batch for s, p in todo.items()}
             results = self._retry("merging into the store",
                                   lambda parts=parts: self.store.merge_shards(parts,
                                                                               self.half_life))
             again: dict[int, _Part] = {}
+            overflowed = False
             for shard, result in results.items():
                 part = todo[shard]
                 if result.applied or part.landed_earlier(result):
@@ -425,23 +672,69 @@ class Ingestor:
                         self._positions.set(tp, shard, rng.end)
                     applied += len(part.rows)
                     self.report.groups_touched += len(part.batch.adds) + len(
-                        part.batch.retracts if part.batch.retracts is not None else ())
-                    overdrawn = set(result.overdrawn)
-                    overdrawn_rows += [r for r, g in zip(part.retract_rows, part.retract_groups,
-                                                         strict=True) if g in overdrawn]
+                        {step.key for step in part.batch.steps})
+                    overdrawn += self._send_kept(shard, part, result)
                     continue
-                refused = True
-                retry = self._refused(batch, shard, result)
+                if result.missing:
+                    raise self._lost_shard(shard, result)
+                if result.nonfinite is not None:
+                    self._overflow(batch, part, result.nonfinite)
+                    overflowed = True
+                    retry = self._part(batch, shard)
+                else:
+                    refused = True
+                    retry = self._refused(batch, shard, result)
                 if retry is not None:
                     again[shard] = retry
             todo = again
+            attempts += not overflowed  # each overflow drops a cell: it always ends
         self.report.batches_refused += refused
         if todo:
             log.warning("shards %s refused the batch five times; their part is dropped and "
                         "read again from their offsets", sorted(todo))
             for tp in batch.ranges:
                 self._seek_back(tp)
-        return applied, overdrawn_rows
+        return applied, overdrawn
+
+    def _overflow(self, batch: _Batch, part: _Part, cell: str) -> None:
+        """Dead-letter (``overflow``) the batch's events of ``cell``, which the store refused
+        as making its statistics non-finite, before the rest is merged again."""
+        groups = batch.decoded.groups
+        rows = [r for r in part.rows.tolist() if groups[r] == cell]
+        log.warning("cell %r would hold non-finite statistics with this batch; its %d event(s) "
+                    "of the batch are dead-lettered as overflow", cell, len(rows))
+        rejections = []
+        for row in rows:
+            position = int(batch.decoded.index[row])
+            self._dead_letter(f"overflow: cell {cell} would hold non-finite statistics",
+                              batch.tps[batch.tp_of[row]], batch.records[position])
+            rejections.append(Rejection(position, "overflow"))
+        batch.excluded[rows] = True
+        self._retry("sending dead letters", self.dead_letters.flush)
+        if self.on_rejection is not None:
+            self.on_rejection(rejections)
+
+    def _send_kept(self, shard: int, part: _Part, result: MergeResult) -> int:
+        """Send the dead letters of the retractions the merge refused (it kept them), then
+        delete exactly those from the store. Returns how many."""
+        if not result.applied:
+            # a retry whose first attempt landed: its refusals are unknown here, the store has
+            # them
+            self._drain_dead()
+            return 0
+        steps = [part.batch.steps[i] for i in result.refused_steps]
+        if not steps:
+            return 0
+        for step in steps:
+            self.dead_letters.add_record(step.dead)
+        self._retry("sending dead letters", self.dead_letters.flush)
+        fields = [step.dead_field for step in steps]
+        self._retry("deleting sent dead letters",
+                    lambda: self.store.delete_dead_letters(shard, fields))
+        if self.on_rejection is not None:
+            self.on_rejection([Rejection(int(part.step_positions[i]), RETRACT_EXCEEDS_GROUP)
+                               for i in result.refused_steps])
+        return len(steps)
 
     def _part(self, batch: _Batch, shard: int) -> _Part | None:
         """Shard ``shard``'s part: its events at or past its record, and offset ranges from its
@@ -451,7 +744,7 @@ class Ingestor:
             start = self._positions.get(tp, shard, rng.start)
             if start < rng.end:
                 offsets[tp] = OffsetRange(start, rng.end)
-        rows = np.flatnonzero(batch.shards == shard)
+        rows = np.flatnonzero((batch.shards == shard) & ~batch.excluded)
         if batch.ranges:
             floor = np.array([offsets[tp].start if tp in offsets else np.iinfo(np.int64).max
                               for tp in batch.tps], dtype=np.int64)
@@ -459,10 +752,22 @@ class Ingestor:
         if not len(rows) and not offsets:
             return None
         d = batch.decoded
-        delta = fold([d.groups[i] for i in rows.tolist()], d.W[rows], d.weights[rows],
-                     d.ts[rows], d.retract[rows], self.half_life)
-        return _Part(ShardBatch(delta.adds, delta.retracts, offsets), rows,
-                     rows[delta.retract_rows].tolist(), delta.retract_groups)
+        delta = fold_ordered([d.groups[i] for i in rows.tolist()], d.W[rows], d.weights[rows],
+                             d.ts[rows], d.retract[rows], self.half_life)
+        steps, positions = [], []
+        for key, stats, retract, row in delta.steps:
+            if not retract:
+                steps.append(Step(key, stats))
+                positions.append(-1)
+                continue
+            position = int(d.index[rows[row]])
+            tp, rec = batch.tps[batch.tp_of[rows[row]]], batch.records[position]
+            value = rec.value if rec.value is not None else b""
+            steps.append(Step(key, stats, True, f"{tp[0]}:{tp[1]}:{rec.offset}",
+                              self.dead_letters.encode(RETRACT_EXCEEDS_GROUP, tp[0], tp[1],
+                                                       rec.offset, rec.key, value)))
+            positions.append(position)
+        return _Part(ShardBatch(delta.adds, None, offsets, steps), rows, positions)
 
     def _refused(self, batch: _Batch, shard: int, result: MergeResult) -> _Part | None:
         """After shard ``shard`` refused its part: re-read its offsets and return the part to
@@ -499,19 +804,6 @@ class Ingestor:
         if tp in self._positions and tp in self.source.assignment():
             self.source.seek(tp, self._positions.resume(tp))
 
-    def _dead_letter_overdrawn(self, rows: list[int], batch: _Batch, records: list[Any],
-                               tp_of: np.ndarray) -> None:
-        if not rows:
-            return
-        refused: list[Rejection] = []
-        for row in rows:
-            position = int(batch.decoded.index[row])
-            self._dead_letter(RETRACT_EXCEEDS_GROUP, batch.tps[tp_of[position]], records[position])
-            refused.append(Rejection(position, RETRACT_EXCEEDS_GROUP))
-        self._retry("sending dead letters", self.dead_letters.flush)
-        if self.on_rejection is not None:
-            self.on_rejection(refused)
-
     def _record_metrics(self, applied: int, rejected_before: Mapping[str, int]) -> None:
         """This batch into the process's Prometheus metrics (`streamlme.metrics`)."""
         EVENTS_INGESTED.inc(applied)
@@ -527,8 +819,12 @@ class Ingestor:
         self.dead_letters.add(reason, tp[0], tp[1], rec.offset, rec.key, value)
 
     def _commit(self, offsets: dict[TP, int]) -> None:
+        # the metadata names the namespace epoch folded into, so that a store that comes back
+        # empty (a new epoch) is told apart from a new namespace, and where it started
+        metadata = {tp: json.dumps({"epoch": self._epoch, **(
+            {"origin": self._origins[tp]} if tp in self._origins else {})}) for tp in offsets}
         try:
-            self.source.commit(offsets)
+            self.source.commit(offsets, metadata)
         except Exception as exc:  # the store is the source of truth; Kafka's offset is a hint
             self.report.commit_failures += 1
             log.warning("Kafka commit failed after a successful merge (harmless, the store "
@@ -536,6 +832,15 @@ class Ingestor:
 
 
 _EMPTY = GroupStats.empty(0)
+
+
+def _commit_metadata(text: str) -> dict[str, Any]:
+    """The consumer's commit metadata (``{"epoch": ..., "origin": ...}``), {} if none."""
+    try:
+        meta = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
 class _Positions:
@@ -586,6 +891,8 @@ class _Batch:
     shards: np.ndarray
     tps: list[TP]
     ranges: dict[TP, OffsetRange]
+    records: list[Any]
+    excluded: np.ndarray  # decoded rows dead-lettered as overflow
 
 
 @dataclass
@@ -594,8 +901,7 @@ class _Part:
 
     batch: ShardBatch
     rows: np.ndarray
-    retract_rows: list[int]
-    retract_groups: list[str]
+    step_positions: list[int]  # per step, its record's position in the batch (-1: adds)
 
     def landed_earlier(self, result: MergeResult) -> bool:
         """Refused only because a first attempt of this very call did apply (a retry)."""

@@ -9,16 +9,23 @@ A dead-letter record is a JSON object
 keyed by the original key, with the reason also in the ``streamlme-reason`` header. The
 ``code`` is the reason's stable first word (see `streamlme.events`); counts are kept per code.
 
+When the record with the whole value would not fit a message (the producer's
+``max_request_size``, the topic's ``[kafka] max_message_bytes``), it keeps the value's prefix
+that fits, with ``value_length`` (the whole value's bytes) and ``value_sha256``, and
+``truncated`` true: a refused message of any size is dead-lettered, never a poison pill.
+
 Ordering guarantee: the consumer flushes dead letters of a batch *before* it merges the batch
 into the store. A crash can therefore at worst send a dead letter twice (the batch is replayed),
-never lose one. The exception is a retraction the store refuses because it exceeds its group
-(``retract_exceeds_group``): that is only known after the merge, so a crash between the merge
-and that flush can lose the dead letter (the statistics are unaffected either way).
+never lose one. A retraction the store refuses because it exceeds its group
+(``retract_exceeds_group``) is only known in the merge: the merge keeps its dead-letter record
+in the store, atomically with the batch, and the consumer sends it from there and then deletes
+exactly what it sent (also after a crash, when it starts again).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 from collections import Counter
@@ -54,28 +61,56 @@ class DeadLetterRecord(msgspec.Struct):
     offset: int
     value_b64: str
     key_b64: str | None = None
+    truncated: bool = False
+    value_length: int | None = None
+    value_sha256: str | None = None
 
     def value(self) -> bytes:
+        """The original value (its prefix when ``truncated``)."""
         return base64.b64decode(self.value_b64)
+
+    def key(self) -> bytes | None:
+        return None if self.key_b64 is None else base64.b64decode(self.key_b64)
+
+
+#: Bytes a dead-letter message needs beyond its value: key, headers, record batch framing.
+MESSAGE_OVERHEAD = 1024
 
 
 def encode_dead_letter(
-    reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
+    reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes,
+    max_bytes: int | None = None,
 ) -> bytes:
-    """The JSON value of a dead-letter message.
+    """The JSON value of a dead-letter message, at most ``max_bytes`` long (the value cut to a
+    prefix, with its length and sha256, when the whole would not fit).
 
     >>> raw = encode_dead_letter("invalid_json", "ev", 2, 9, b"k", b"{oops")
     >>> rec = msgspec.json.decode(raw, type=DeadLetterRecord)
-    >>> rec.reason, rec.partition, rec.offset, rec.value()
-    ('invalid_json', 2, 9, b'{oops')
+    >>> rec.reason, rec.partition, rec.offset, rec.value(), rec.truncated
+    ('invalid_json', 2, 9, b'{oops', False)
+    >>> raw = encode_dead_letter("too_large", "ev", 0, 1, None, b"x" * 5000, max_bytes=2000)
+    >>> rec = msgspec.json.decode(raw, type=DeadLetterRecord)
+    >>> len(raw) <= 2000, rec.truncated, rec.value_length, rec.value() == b"x" * len(rec.value())
+    (True, True, 5000, True)
     """
     b64 = base64.b64encode
+    key_b64 = None if key is None else b64(key).decode()
+    record = DeadLetterRecord(reason, reason_code(reason), topic, partition, offset,
+                              b64(value).decode(), key_b64)
+    raw = msgspec.json.encode(record)
+    if max_bytes is None or len(raw) <= max_bytes:
+        return raw
+    cut = DeadLetterRecord(reason, reason_code(reason), topic, partition, offset, "", key_b64,
+                           True, len(value), hashlib.sha256(value).hexdigest())
+    room = max_bytes - len(msgspec.json.encode(cut))
+    if room < 0:
+        raise ValueError(f"a dead-letter record of {topic}:{partition}:{offset} cannot fit "
+                         f"{max_bytes} bytes even without its value (its key is too long)")
+    prefix = value[:room // 4 * 3]  # base64 turns 3 bytes into 4 characters
     return msgspec.json.encode(
-        DeadLetterRecord(
-            reason, reason_code(reason), topic, partition, offset, b64(value).decode(),
-            None if key is None else b64(key).decode(),
-        )
-    )
+        DeadLetterRecord(reason, reason_code(reason), topic, partition, offset,
+                         b64(prefix).decode(), key_b64, True, len(value),
+                         hashlib.sha256(value).hexdigest()))
 
 
 class DeadLetters(Protocol):
@@ -87,6 +122,10 @@ class DeadLetters(Protocol):
         self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
     ) -> None: ...
 
+    def add_record(self, record: bytes) -> None:
+        """Send an already encoded dead-letter record (one the store kept)."""
+        ...
+
     def flush(self) -> None: ...
 
     def close(self) -> None: ...
@@ -96,21 +135,40 @@ class KafkaDeadLetters:
     """Dead letters sent to a Kafka topic; `flush` raises if the broker did not take them all."""
 
     def __init__(
-        self, topic: str, settings: Mapping[str, Any], flush_timeout: float = 30.0
+        self, topic: str, settings: Mapping[str, Any], flush_timeout: float = 30.0,
+        max_message_bytes: int | None = None,
     ) -> None:
-        """``settings`` are KafkaProducer keyword arguments (bootstrap_servers, security, ...)."""
+        """``settings`` are KafkaProducer keyword arguments (bootstrap_servers, security, ...);
+        a record never exceeds the producer's ``max_request_size`` nor ``max_message_bytes``."""
         self.topic = topic
         self.counts: Counter[str] = Counter()
         self._flush_timeout = flush_timeout
         self._producer = KafkaProducer(**{"acks": "all", "linger_ms": 5, **settings})
+        limit = int(self._producer.config["max_request_size"])
+        if max_message_bytes is not None:
+            limit = min(limit, int(max_message_bytes))
+        #: Longest dead-letter record (JSON) sent; longer ones keep a prefix of the value.
+        self.max_record_bytes = max(limit - MESSAGE_OVERHEAD, MESSAGE_OVERHEAD)
         self._pending: list[tuple[tuple[bytes | None, bytes, str], Any]] = []
+
+    def encode(self, reason: str, topic: str, partition: int, offset: int, key: bytes | None,
+               value: bytes) -> bytes:
+        """The record `add` would send (what a merge keeps for a refused retraction)."""
+        return encode_dead_letter(reason, topic, partition, offset, key, value,
+                                  self.max_record_bytes)
 
     def add(
         self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
     ) -> None:
-        message = (key, encode_dead_letter(reason, topic, partition, offset, key, value), reason)
+        message = (key, self.encode(reason, topic, partition, offset, key, value), reason)
         self._pending.append((message, self._send(message)))
         self.counts[reason_code(reason)] += 1
+
+    def add_record(self, record: bytes) -> None:
+        rec = msgspec.json.decode(record, type=DeadLetterRecord)
+        message = (rec.key(), record, rec.reason)
+        self._pending.append((message, self._send(message)))
+        self.counts[rec.code] += 1
 
     def _send(self, message: tuple[bytes | None, bytes, str]) -> Any:
         key, value, reason = message
@@ -152,6 +210,13 @@ class LoggedDeadLetters:
     ) -> None:
         self.counts[reason_code(reason)] += 1
 
+    def encode(self, reason: str, topic: str, partition: int, offset: int, key: bytes | None,
+               value: bytes) -> bytes:
+        return encode_dead_letter(reason, topic, partition, offset, key, value)
+
+    def add_record(self, record: bytes) -> None:
+        self.counts[msgspec.json.decode(record, type=DeadLetterRecord).code] += 1
+
     def flush(self) -> None:
         """Nothing is buffered."""
 
@@ -183,8 +248,16 @@ class FileDeadLetters:
     def add(
         self, reason: str, topic: str, partition: int, offset: int, key: bytes | None, value: bytes
     ) -> None:
-        self._pending.append(encode_dead_letter(reason, topic, partition, offset, key, value))
+        self._pending.append(self.encode(reason, topic, partition, offset, key, value))
         self.counts[reason_code(reason)] += 1
+
+    def encode(self, reason: str, topic: str, partition: int, offset: int, key: bytes | None,
+               value: bytes) -> bytes:
+        return encode_dead_letter(reason, topic, partition, offset, key, value)
+
+    def add_record(self, record: bytes) -> None:
+        self._pending.append(record)
+        self.counts[msgspec.json.decode(record, type=DeadLetterRecord).code] += 1
 
     def flush(self) -> None:
         if not self._pending:

@@ -48,7 +48,20 @@ class Source(Protocol):
 
     def seek(self, tp: TP, offset: int) -> None: ...
 
-    def commit(self, offsets: Mapping[TP, int]) -> None: ...
+    def commit(self, offsets: Mapping[TP, int],
+               metadata: Mapping[TP, str] | None = None) -> None: ...
+
+    def committed(self, tp: TP) -> tuple[int, str] | None:
+        """The group's committed (offset, metadata) of ``tp``; None if it committed none."""
+        ...
+
+    def bounds(self, tps: list[TP]) -> dict[TP, tuple[int, int]]:
+        """Per partition, (beginning, end) offsets: the log start, and the log end."""
+        ...
+
+    def partitions(self) -> list[TP]:
+        """Every partition of the source's topic."""
+        ...
 
     def assignment(self) -> set[TP]: ...
 
@@ -132,8 +145,19 @@ class JsonLinesSource:
             self._line += 1
         return {self.tp: out} if out else {}
 
-    def commit(self, offsets: Mapping[TP, int]) -> None:
+    def commit(self, offsets: Mapping[TP, int],
+               metadata: Mapping[TP, str] | None = None) -> None:
         """Nothing to do: the store's recorded offsets are the resume point."""
+
+    def committed(self, tp: TP) -> tuple[int, str] | None:
+        return None
+
+    def bounds(self, tps: list[TP]) -> dict[TP, tuple[int, int]]:
+        """A file's lines start at 0 and its end is not known ahead (0: nothing to wait for)."""
+        return {tp: (0, 0) for tp in tps}
+
+    def partitions(self) -> list[TP]:
+        return [self.tp]
 
     def assignment(self) -> set[TP]:
         return {self.tp}
@@ -204,10 +228,30 @@ class KafkaSource:
     def seek(self, tp: TP, offset: int) -> None:
         self.consumer.seek(TopicPartition(*tp), offset)
 
-    def commit(self, offsets: Mapping[TP, int]) -> None:
-        self.consumer.commit(
-            {TopicPartition(*tp): OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()}
-        )
+    def commit(self, offsets: Mapping[TP, int],
+               metadata: Mapping[TP, str] | None = None) -> None:
+        """Commit ``offsets`` with per-partition ``metadata`` (the consumer's: the namespace
+        epoch it folded into and where it started, so that a store that lost its state is told
+        apart from a new one)."""
+        metadata = metadata or {}
+        self.consumer.commit({TopicPartition(*tp): OffsetAndMetadata(off, metadata.get(tp, ""), -1)
+                              for tp, off in offsets.items()})
+
+    def committed(self, tp: TP) -> tuple[int, str] | None:
+        got = self.consumer.committed(TopicPartition(*tp), metadata=True)
+        if got is None or got.offset is None or got.offset < 0:
+            return None
+        return int(got.offset), got.metadata or ""
+
+    def bounds(self, tps: list[TP]) -> dict[TP, tuple[int, int]]:
+        parts = [TopicPartition(*tp) for tp in tps]
+        begin = self.consumer.beginning_offsets(parts)
+        end = self.consumer.end_offsets(parts)
+        return {(tp.topic, tp.partition): (int(begin[tp]), int(end[tp])) for tp in parts}
+
+    def partitions(self) -> list[TP]:
+        found = self.consumer.partitions_for_topic(self.topic) or set()
+        return [(self.topic, p) for p in sorted(found)]
 
     def assignment(self) -> set[TP]:
         if self._consumer is None:
