@@ -600,6 +600,7 @@ def store_migrate(config_path: str) -> None:
     """Move a namespace of streamlme 0.1 (one Redis slot) to the sharded layout, in place.
 
     Stop the consumers first; a stopped migration can be run again. Prints a JSON report.
+
     Example: streamlme store migrate --config streamlme.toml
     """
     from streamlme.config import ConfigError
@@ -632,6 +633,7 @@ def serve(config_path: str, host: str | None, port: int | None) -> None:
 
     Starts even while Redis is down (/readyz says "waiting for Redis at ..."); refuses, with
     exit 1, a namespace holding statistics of other columns than the model's.
+
     Example: streamlme serve --config streamlme.toml --port 8000
     """
     import msgspec

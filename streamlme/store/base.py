@@ -177,11 +177,6 @@ class StateStore(Protocol):
         """The groups that exist among ``groups``, in the order asked (one round trip)."""
         ...
 
-    def values_and_version(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
-        """The byte records of ``groups`` (None where unseen) and the current model version,
-        in one round trip: what a query reads."""
-        ...
-
     def ping(self) -> bool:
         ...
 

@@ -293,14 +293,6 @@ class MemoryStore:
                 return GroupStats.empty(self._d or 0)
             return self._stats.select([g for g in dict.fromkeys(groups) if g in self._stats])
 
-    def values_and_version(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
-        """The byte records of ``groups`` (None where unseen) and the current model version."""
-        with self._lock:
-            stats = self._stats
-            values = [stats.to_bytes_one(stats.index(g)) if stats is not None and g in stats
-                      else None for g in groups]
-            return values, self._model_current
-
     def ping(self) -> bool:
         return True
 
@@ -391,8 +383,11 @@ class MemoryStore:
 
     def values_and_model_key(self, groups: Sequence[str]
                              ) -> tuple[list[bytes | None], ModelKey | None]:
+        """The byte records of ``groups`` (None where unseen) and the current `ModelKey`."""
         with self._lock:
-            values, _ = self.values_and_version(groups)
+            stats = self._stats
+            values = [stats.to_bytes_one(stats.index(g)) if stats is not None and g in stats
+                      else None for g in groups]
             return values, self.model_key()
 
     # -- consumer status (see streamlme.status) ----------------------------------------------

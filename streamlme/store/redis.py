@@ -579,13 +579,7 @@ class RedisStore:
 
     def get_values(self, groups: Sequence[str]) -> list[bytes | None]:
         """The byte records of ``groups`` (None where unseen), one HMGET per shard, pipelined."""
-        return self.values_and_version(groups)[0]
-
-    def values_and_version(self, groups: Sequence[str]) -> tuple[list[bytes | None], int | None]:
-        """`get_values` and the current model version, in one pipelined round trip (what a
-        query reads)."""
-        values, (version,) = self._values_with(groups, [("GET", self.keys.model_current)])
-        return values, None if version is None else int(version)
+        return self._values_with(groups, [])[0]
 
     def _values_with(self, groups: Sequence[str], tail: Sequence[tuple[Any, ...]]
                      ) -> tuple[list[bytes | None], list[Any]]:
@@ -761,7 +755,8 @@ class RedisStore:
 
     def values_and_model_key(self, groups: Sequence[str]
                              ) -> tuple[list[bytes | None], ModelKey | None]:
-        """`values_and_version` with the model's `ModelKey`, still one round trip."""
+        """`get_values` and the current model's `ModelKey`, in one pipelined round trip (what
+        a query reads)."""
         values, (epoch, version) = self._values_with(groups, [
             ("HGET", self.keys.meta, "epoch"), ("GET", self.keys.model_current)])
         if version is None:
