@@ -17,16 +17,21 @@ The decoder validates with a msgspec Struct built for the spec, so type checks r
 malformed message never raises, it becomes a `Rejection` whose reason starts with a stable code:
 
 =================  ==============================================================
-``invalid_json``   not JSON (or not UTF-8, or a NaN/Infinity token, or empty)
+``invalid_json``   not JSON (or not UTF-8, or a NaN/Infinity token, or empty, or nested deeper
+                   than Python's recursion limit allows)
 ``not_an_object``  valid JSON but not an object
-``missing_column`` a model column (or a grouping column) is absent
+``missing_column`` a model column (or a grouping column) is absent (with "did you mean" when a
+                   key of the event is a close match)
 ``non_numeric``    a column holds a string, boolean, null, ... instead of a number
 ``not_finite``     a number too large for a float (1e400 overflows to infinity)
+``overflow``       a finite value that could make a statistic overflow: a design column beyond
+                   ±`MAX_VALUE` or a weight over `MAX_WEIGHT`
 ``bad_group``      group id empty, over 256 bytes, or neither string nor integer (with
                    several grouping columns: a level so, or a cell key over 256 bytes)
 ``unknown_level``  a categorical column holds a value that is not one of its declared levels
 ``bad_weight``     weight not a finite number > 0
-``bad_ts``         ts neither a finite number nor an RFC 3339 time with a timezone
+``bad_ts``         ts neither a finite number nor an RFC 3339 time with a timezone, or more
+                   than ``max_future`` seconds ahead of this machine's clock
 ``unknown_op``     op other than "add" or "retract"
 ``oversized``      the message is larger than ``max_message_bytes``
 =================  ==============================================================
@@ -59,6 +64,7 @@ Crossed factors and a categorical covariate: the groups are cell keys, the rows 
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import re
@@ -66,7 +72,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from itertools import chain
 from operator import attrgetter
 from typing import Annotated, Any, Literal, NamedTuple
@@ -79,6 +85,22 @@ from streamlme.spec import ModelSpec
 #: Keys with a meaning of their own in an event; no model column may use these names.
 RESERVED_FIELDS = ("weight", "ts", "op")
 MAX_GROUP_BYTES = 256
+
+# Per-event limits under which no group's statistics can overflow. A group of up to
+# N = 2**53 events (~9.0e15; more than a float can count one by one) with every design value
+# |x| <= MAX_VALUE and every weight w <= MAX_WEIGHT keeps, whatever the order of the merges:
+#   the mass n <= N * MAX_WEIGHT ~ 9e65, and n_a * n_b in the pairwise merge <= ~8e131;
+#   |means| <= MAX_VALUE, so |x - m| <= 2 * MAX_VALUE;
+#   each co-moment |C_ij| = |sum w (x_i - m_i)(x_j - m_j)| <= n * 4 * MAX_VALUE**2 ~ 3.6e266,
+#   and so do the pairwise term w * delta_i * delta_j and the refresh's C + n (m - r)(m - r)'.
+# That leaves a factor of ~1e40 below the largest float (1.8e308) for the estimator's products.
+# Real data sit far inside: these limits only keep out values whose square is already absurd.
+#: Largest magnitude of a design value (numeric column, or product of columns) an event may carry.
+MAX_VALUE = 1e100
+#: Largest case weight an event may carry.
+MAX_WEIGHT = 1e50
+#: Seconds an event time may lie ahead of this machine's clock (``[model] max_future``).
+DEFAULT_MAX_FUTURE = 3600.0
 
 _Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 
@@ -119,7 +141,13 @@ _GOT = re.compile(r"got `(\w+)`")
 class EventDecoder:
     """Decode batches of message values for one ModelSpec; never raises on bad input."""
 
-    def __init__(self, spec: ModelSpec, max_message_bytes: int = 1 << 20) -> None:
+    def __init__(self, spec: ModelSpec, max_message_bytes: int = 1 << 20,
+                 max_future: float = DEFAULT_MAX_FUTURE) -> None:
+        """A decoder for ``spec``'s events. Larger values than ``max_message_bytes`` are
+        ``oversized``; event times more than ``max_future`` seconds ahead of this machine's
+        clock (``math.inf``: no limit) are ``bad_ts``."""
+        if not max_future > 0:
+            raise ValueError(f"max_future must be a number of seconds > 0, got {max_future!r}")
         clash = [c for c in (*spec.columns, *spec.input_columns) if c in RESERVED_FIELDS]
         if clash:
             raise ValueError(
@@ -128,6 +156,8 @@ class EventDecoder:
             )
         self.spec = spec
         self.max_message_bytes = max_message_bytes
+        self.max_future = float(max_future)
+        self._known_fields = frozenset((*spec.input_columns, *RESERVED_FIELDS))
         self._group_fields = frozenset(spec.grouping_columns)
         self._level_fields = frozenset(spec.categorical_inputs)
         self._to_arrays = self._arrays
@@ -176,11 +206,17 @@ class EventDecoder:
             try:
                 events.append(decode(value))
             except msgspec.ValidationError as exc:
-                rejections.append(Rejection(i, self._reason(str(exc))))
+                rejections.append(Rejection(i, self._reason(str(exc), value)))
                 continue
             except (msgspec.DecodeError, ValueError, TypeError) as exc:
                 # UnicodeDecodeError is a ValueError; TypeError: not a bytes-like object.
                 rejections.append(Rejection(i, f"invalid_json: {exc}"))
+                continue
+            except RecursionError:
+                # msgspec counts its depth against Python's recursion limit (~1000 levels, even
+                # in an ignored key) and unwinds cleanly: the message is bad, not the decoder.
+                rejections.append(Rejection(i, "invalid_json: nested too deeply (arrays or "
+                                               "objects about 1000 levels deep)"))
                 continue
             index.append(i)
         return self._to_arrays(events, index, rejections)
@@ -205,14 +241,9 @@ class EventDecoder:
                 reason = _group_problem(g)
                 if reason:
                     bad[j] = reason
-        rows = np.flatnonzero(~np.isfinite(W).all(axis=1))
-        for j in rows.tolist():
-            column = self.spec.columns[int(np.flatnonzero(~np.isfinite(W[j]))[0])]
-            bad.setdefault(j, f"not_finite: {column}")
-        for j in np.flatnonzero(~(np.isfinite(weights) & (weights > 0))).tolist():
-            bad.setdefault(j, f"bad_weight: must be a finite number > 0, got {float(weights[j])!r}")
-        for j in np.flatnonzero(np.isinf(ts)).tolist():
-            bad.setdefault(j, "bad_ts: not finite")
+        _check_finite(bad, W, self.spec.columns)
+        _check_overflow(bad, W, self.spec.columns)
+        self._check_meta(bad, weights, ts)
         return self._batch(groups, W, weights, ts, retract, index, rejections, bad)
 
     # -- several grouping columns, categorical covariates -----------------------------------
@@ -295,11 +326,11 @@ class EventDecoder:
                 bad.setdefault(j, f"unknown_level: {column} holds {values[j]!r}, not one of its "
                                f"declared levels {_levels_text(spec.levels[column])}")
             codes[column] = code
-        for j in np.flatnonzero(~np.isfinite(numbers).all(axis=1)).tolist():
-            column = self._numerics[int(np.flatnonzero(~np.isfinite(numbers[j]))[0])]
-            bad.setdefault(j, f"not_finite: {column}")
+        _check_finite(bad, numbers, self._numerics)
+        with np.errstate(over="ignore", invalid="ignore"):  # a product of columns may overflow
+            W = spec.design_matrix(dict(zip(self._numerics, numbers.T)), codes)
+        _check_overflow(bad, W, spec.columns)
         self._check_meta(bad, weights, ts)
-        W = spec.design_matrix(dict(zip(self._numerics, numbers.T)), codes)
         return self._batch(groups, W, weights, ts, retract, index, rejections, bad)
 
     def _meta(self, events: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -319,12 +350,21 @@ class EventDecoder:
         )
         return weights, ts, retract
 
-    @staticmethod
-    def _check_meta(bad: dict[int, str], weights: np.ndarray, ts: np.ndarray) -> None:
+    def _check_meta(self, bad: dict[int, str], weights: np.ndarray, ts: np.ndarray) -> None:
+        """Weights finite, > 0 and at most `MAX_WEIGHT`; times finite and not too far ahead."""
         for j in np.flatnonzero(~(np.isfinite(weights) & (weights > 0))).tolist():
             bad.setdefault(j, f"bad_weight: must be a finite number > 0, got {float(weights[j])!r}")
+        for j in np.flatnonzero(weights > MAX_WEIGHT).tolist():
+            bad.setdefault(j, f"overflow: weight is {float(weights[j]):.3g}, over "
+                              f"{MAX_WEIGHT:.0e}, where a group's mass could overflow (rescale "
+                              "the weights)")
         for j in np.flatnonzero(np.isinf(ts)).tolist():
             bad.setdefault(j, "bad_ts: not finite")
+        now = time.time()
+        for j in np.flatnonzero(ts > now + self.max_future).tolist():
+            t = float(ts[j])
+            bad.setdefault(j, f"bad_ts: {_iso(t)} is {t - now:.6g} s ahead of this machine's "
+                              f"clock, more than max_future ({self.max_future:g} s)")
 
     @staticmethod
     def _batch(groups: list[str], W: np.ndarray, weights: np.ndarray, ts: np.ndarray,
@@ -342,8 +382,8 @@ class EventDecoder:
             )
         return DecodedBatch(groups, W, weights, ts, retract, positions, rejections)
 
-    def _reason(self, message: str) -> str:
-        """msgspec's validation message as a reason code with detail."""
+    def _reason(self, message: str, value: bytes) -> str:
+        """msgspec's validation message (about ``value``) as a reason code with detail."""
         match = _AT.match(message)
         assert match is not None  # the pattern matches any text
         text, key = match["msg"], match["key"]
@@ -352,7 +392,7 @@ class EventDecoder:
         if key is None:
             missing = re.match(r"Object missing required field `(.+)`", text)
             if missing:
-                return f"missing_column: {missing[1]}"
+                return f"missing_column: {missing[1]}{self._close_key(missing[1], value)}"
             if text.startswith("Expected `object`"):
                 return f"not_an_object: got {kind}"
             return f"invalid_event: {text}"
@@ -376,6 +416,54 @@ class EventDecoder:
         if text.startswith("Number out of range"):
             return f"not_finite: {key}"
         return f"non_numeric: {key} (got {kind})" if kind else f"non_numeric: {key} ({text})"
+
+
+    def _close_key(self, column: str, value: bytes) -> str:
+        """" (did you mean 'x'?)" when a key of the event that the model does not read is
+        close to the missing ``column``, else ""."""
+        try:
+            keys = msgspec.json.decode(value, type=dict[str, msgspec.Raw])
+        except (msgspec.DecodeError, RecursionError):
+            return ""
+        return did_you_mean(column, [k for k in keys if k not in self._known_fields])
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """" (did you mean 'x'?)" for the closest of ``choices`` to ``name`` (ignoring case),
+    or "" when none is close.
+
+    >>> did_you_mean("los", ["hospital", "LOS", "age"]), did_you_mean("los", ["sex"])
+    (" (did you mean 'LOS'?)", '')
+    """
+    by_folded = {c.casefold(): c for c in choices}
+    close = difflib.get_close_matches(name.casefold(), list(by_folded), n=1)
+    return f" (did you mean {by_folded[close[0]]!r}?)" if close else ""
+
+
+def _check_finite(bad: dict[int, str], numbers: np.ndarray, columns: Sequence[str]) -> None:
+    """``not_finite`` for rows of ``numbers`` holding inf or NaN (a number too large to read)."""
+    for j in np.flatnonzero(~np.isfinite(numbers).all(axis=1)).tolist():
+        column = columns[int(np.flatnonzero(~np.isfinite(numbers[j]))[0])]
+        bad.setdefault(j, f"not_finite: {column}")
+
+
+def _check_overflow(bad: dict[int, str], W: np.ndarray, columns: Sequence[str]) -> None:
+    """``overflow`` for design rows with a value beyond ±`MAX_VALUE` (or a product of columns
+    that overflowed): one such event could make its group's co-moments infinite."""
+    out = ~(np.abs(W) <= MAX_VALUE)
+    for j in np.flatnonzero(out.any(axis=1)).tolist():
+        k = int(np.flatnonzero(out[j])[0])
+        bad.setdefault(j, f"overflow: {columns[k]} is {float(W[j, k]):.3g}, beyond "
+                          f"±{MAX_VALUE:.0e}, where a group's co-moments could overflow "
+                          "(rescale the column)")
+
+
+def _iso(t: float) -> str:
+    """``t`` (epoch seconds) as an ISO 8601 UTC time, or as a number past datetime's range."""
+    try:
+        return datetime.fromtimestamp(t, timezone.utc).isoformat()
+    except (OverflowError, ValueError, OSError):
+        return f"{t:.6g}"
 
 
 def _seconds(ts: float | datetime | None) -> float:

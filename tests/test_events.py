@@ -5,21 +5,34 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamlme.events import DecodedBatch, EventDecoder, Rejection, RejectionLog
+from streamlme.events import (
+    MAX_VALUE,
+    MAX_WEIGHT,
+    DecodedBatch,
+    EventDecoder,
+    Rejection,
+    RejectionLog,
+    did_you_mean,
+)
 from streamlme.spec import ModelSpec
+from streamlme.stats import GroupStats, merge_moments
 
 SPEC = ModelSpec(response="los", fixed=["1", "age", "severity"], random=["1", "age"],
                  group="hospital")
 CODES = {
     "invalid_json", "not_an_object", "missing_column", "non_numeric", "not_finite", "bad_group",
-    "bad_weight", "bad_ts", "unknown_op", "oversized", "invalid_event",
+    "bad_weight", "bad_ts", "unknown_op", "oversized", "invalid_event", "overflow",
 }
+#: JSON nested this deep (an array in an ignored key) once raised RecursionError out of decode.
+DEEP = b"[" * 1000 + b"]" * 1000
+HUGE_INT = b"1" + b"0" * 10_000
 
 
 @pytest.fixture(scope="module")
@@ -102,10 +115,101 @@ def test_empty_batch(decoder):
         (row(op=1), "unknown_op: got int"),
         (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1, "pad": "' + b"x" * 5000 + b'"}',
          "oversized: 5063 bytes > 4096"),
+        # finite values whose statistics would not be
+        (row(severity=1e200), "overflow: severity is 1e+200, beyond ±1e+100"),
+        (row(los=-1e101), "overflow: los is -1e+101, beyond ±1e+100"),
+        (row(los=1e160, weight=1e-300), "overflow: los is 1e+160"),
+        (row(weight=1e308), "overflow: weight is 1e+308, over 1e+50"),
+        (row(weight=1.1e50), "overflow: weight is 1.1e+50"),
+        # an event time far ahead of the clock would age every other row of its group to zero
+        (row(ts="9999-12-31T23:59:59Z"), "bad_ts: 9999-12-31T23:59:59+00:00 is "),
+        (row(ts=1e300), "bad_ts: 1e+300 is 1e+300 s ahead of this machine's clock, more than "
+                        "max_future (3600 s)"),
+        # a misspelt column gets the close key of the event; a model field is never suggested
+        (row(los=..., LOS=4.5), "missing_column: los (did you mean 'LOS'?)"),
+        (row(age=..., agee=4), "missing_column: age (did you mean 'agee'?)"),
+        (row(hospital=..., hopsital="A"), "missing_column: hospital (did you mean 'hopsital'?)"),
+        (row(age=..., weight=1), "missing_column: age"),
     ],
 )
 def test_each_malformed_kind_gets_its_reason(decoder, value, reason):
     assert only_reason(decoder, value).startswith(reason)
+
+
+#: Poison pills (issue 10): each once raised out of decode, or could; larger than the fixture's
+#: 4096-byte limit, so they meet a decoder with the default 1 MB one.
+POISON = [
+    (row(extra=...)[:-1] + b', "extra": ' + DEEP + b"}", "invalid_json: nested too deeply"),
+    (b'{"extra": ' + b'{"a": ' * 1000 + b"1" + b"}" * 1001, "invalid_json: nested too deeply"),
+    (b"[" * 5000, "not_an_object: got array"),  # the type is known before the depth
+    (b'{"hospital": "A", "age": ' + HUGE_INT + b', "severity": 1, "los": 1}',
+     "not_finite: age"),
+    (b'{"hospital": ' + HUGE_INT + b', "age": 1, "severity": 1, "los": 1}', "bad_group"),
+    (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1, "weight": ' + HUGE_INT + b"}",
+     "bad_weight"),
+    (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1, "ts": ' + HUGE_INT + b"}",
+     "bad_ts"),
+    (b'{"hospital": "A", "age": 1, "severity": 1, "los": 1e400}', "not_finite: los"),
+    (b"\x00", "invalid_json"),
+    (row() + b"\x00", "invalid_json"),
+    (b'{"hospital": "A\x00", "age": 1, "severity": 1, "los": 1}', "invalid_json"),
+    (b"null", "not_an_object: got null"),
+    (b"\xef\xbb\xbf" + row(), "invalid_json"),  # a byte-order mark is not JSON
+]
+
+
+@pytest.mark.parametrize(("value", "reason"), POISON)
+def test_poison_pills_are_rejected_not_raised(value, reason):
+    assert only_reason(EventDecoder(SPEC), value).startswith(reason)
+
+
+def test_a_missing_column_gets_a_hint_only_from_a_close_key(decoder):
+    assert only_reason(decoder, row(los=..., sex="F")) == "missing_column: los"
+    nested = row(age=...)[:-1] + b', "agee": 1, "x": ' + b"[" * 50 + b"]" * 50 + b"}"
+    assert only_reason(decoder, nested) == "missing_column: age (did you mean 'agee'?)"
+
+
+def test_did_you_mean():
+    assert did_you_mean("los", ["hospital", "LOS", "age"]) == " (did you mean 'LOS'?)"
+    assert did_you_mean("severity", ["sevrity", "sex"]) == " (did you mean 'sevrity'?)"
+    assert did_you_mean("los", []) == did_you_mean("los", ["weight", "group"]) == ""
+
+
+def test_the_limits_at_the_edge_pass():
+    batch = EventDecoder(SPEC).decode([
+        row(age=MAX_VALUE, los=-MAX_VALUE, weight=MAX_WEIGHT),
+        row(severity=1e-300, weight=1e-300),
+        row(ts=time.time() + 600),
+    ])
+    assert batch.rejections == [] and len(batch) == 3
+
+
+def test_max_future():
+    now = time.time()
+    values = [row(ts=now + 7200), row(ts=now + 100), row(ts=1.0), row(ts=-1e9)]
+    assert [r.index for r in EventDecoder(SPEC).decode(values).rejections] == [0]
+    assert [r.index for r in EventDecoder(SPEC, max_future=60).decode(values).rejections] == [0, 1]
+    assert EventDecoder(SPEC, max_future=math.inf).decode(values).rejections == []
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="max_future must be a number of seconds > 0"):
+            EventDecoder(SPEC, max_future=bad)
+
+
+def test_a_group_of_2_53_events_at_the_limits_stays_finite():
+    """The bound the limits promise: 2**53 events with |x| = MAX_VALUE and w = MAX_WEIGHT,
+    as two halves of opposite values merged by the real pairwise update (the worst case of
+    the means' difference), keep n, the means and the co-moments finite, with room to spare;
+    one step over the limits (two events of weight 1e308, as the issue found) overflows."""
+    half = 2.0**52 * MAX_WEIGHT
+    x = np.full((1, 3), MAX_VALUE)
+    C = np.full((1, 3, 3), half * MAX_VALUE**2)  # more than any 2**52 such events can hold
+    n, m, C = merge_moments(np.array([half]), x, C, np.array([half]), -x, C)
+    total = n[0] * (2 * MAX_VALUE) ** 2  # the refresh's C + n (m - r)(m - r)' about a far r
+    assert np.isfinite([n[0], total]).all() and np.isfinite(m).all() and np.isfinite(C).all()
+    assert np.abs(C).max() < 1e270 and total < 1e270
+    with np.errstate(over="ignore"):
+        over = GroupStats.from_rows(["g", "g"], np.zeros((2, 3)), weights=[1e308, 1e308])
+    assert not np.isfinite(over.n).all()
 
 
 def test_group_boundaries(decoder):
@@ -151,15 +255,17 @@ def test_single_column_model():
 # --- properties ------------------------------------------------------------------------------
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
+bounded = st.floats(min_value=-MAX_VALUE, max_value=MAX_VALUE)
+past = st.floats(min_value=-1e12, max_value=1.7e9)
 groups = st.one_of(
     st.text(min_size=1, max_size=20).filter(lambda s: not any(0xD800 <= ord(c) <= 0xDFFF for c in s)),
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
 )
 events = st.fixed_dictionaries(
-    {"hospital": groups, "age": finite, "severity": finite, "los": finite},
+    {"hospital": groups, "age": bounded, "severity": bounded, "los": bounded},
     optional={
-        "weight": st.floats(min_value=1e-300, max_value=1e300),
-        "ts": finite,
+        "weight": st.floats(min_value=1e-300, max_value=MAX_WEIGHT),
+        "ts": past,
         "op": st.sampled_from(["add", "retract"]),
         "note": st.text(max_size=5),
     },
@@ -172,8 +278,9 @@ def check_invariants(batch: DecodedBatch, n: int) -> None:
     assert sorted(good + bad) == list(range(n)), "every value is decoded or rejected, once"
     assert good == sorted(good) and bad == sorted(bad)
     assert all(r.code in CODES and r.reason for r in batch.rejections)
-    assert batch.W.shape == (len(good), 3) and np.isfinite(batch.W).all()
-    assert (batch.weights > 0).all() and np.isfinite(batch.weights).all()
+    assert batch.W.shape == (len(good), 3) and (np.abs(batch.W) <= MAX_VALUE).all()
+    assert ((batch.weights > 0) & (batch.weights <= MAX_WEIGHT)).all()
+    assert not (batch.ts > time.time() + 3600).any()
     assert len(batch.groups) == len(batch.ts) == len(batch.retract) == len(good)
 
 
@@ -215,6 +322,57 @@ def test_malformed_rows_between_good_ones(docs):
     for i, doc in zip(batch.index.tolist(), range(len(batch))):
         parsed = json.loads(docs[i])
         assert batch.W[doc].tolist() == [parsed["age"], parsed["severity"], parsed["los"]]
+
+
+#: JSON texts of any value, including what json.dumps never writes: numbers too large for a
+#: float or for int(), tokens of any exponent, invalid UTF-8 and NUL in strings, deep nesting.
+number_texts = st.one_of(
+    st.integers().map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.builds(lambda m, e: f"{m}e{e}", st.integers(-9, 9), st.integers(-1000, 1000)),
+    st.integers(300, 12_000).map(lambda k: "9" * k),
+    st.sampled_from(["1e200", "-1e200", "1e308", "1e400", "-1e999", "1e-400", "-0", "0.0"]),
+)
+string_texts = st.one_of(
+    st.text(max_size=8).map(json.dumps),
+    st.binary(max_size=8).map(lambda b: b'"' + b.replace(b'"', b"").replace(b"\\", b"") + b'"'),
+)
+deep_texts = st.sampled_from([10, 300, 999, 1000, 1001, 3000]).flatmap(
+    lambda k: st.sampled_from(["[" * k + "]" * k, '{"a":' * k + "1" + "}" * k]))
+scalar_texts = st.one_of(number_texts, string_texts.map(lambda b: b if isinstance(b, str)
+                                                         else b.decode("latin-1")),
+                         st.sampled_from(["null", "true", "false"]), deep_texts)
+value_texts = st.recursive(
+    scalar_texts,
+    lambda inner: st.lists(inner, max_size=3).map(lambda xs: "[" + ",".join(xs) + "]")
+    | st.dictionaries(st.text(max_size=4).map(json.dumps), inner, max_size=3).map(
+        lambda d: "{" + ",".join(f"{k}:{v}" for k, v in d.items()) + "}"),
+    max_leaves=6,
+)
+FIELDS = ["hospital", "age", "severity", "los", "weight", "ts", "op", "extra"]
+
+
+def _object_text(fields: dict[str, str]) -> bytes:
+    # latin-1 keeps each generated byte as it was, so invalid UTF-8 reaches the decoder
+    return ("{" + ",".join(f'"{k}":{v}' for k, v in fields.items()) + "}").encode("latin-1",
+                                                                                   "replace")
+
+
+any_event_texts = st.fixed_dictionaries(
+    {"hospital": st.just('"A"'), "age": st.just("1"), "severity": st.just("2"), "los": st.just("3")}
+).flatmap(lambda good: st.dictionaries(st.sampled_from(FIELDS), value_texts, max_size=4).map(
+    lambda bad: _object_text({**good, **bad})))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(any_event_texts, value_texts.map(lambda t: t.encode("latin-1",
+                                                                             "replace"))),
+                max_size=12))
+def test_any_json_value_in_any_field_never_raises(values):
+    """A good event with any JSON text in any of its fields (or any JSON text alone): each is
+    decoded or rejected with a known reason code, and nothing raises."""
+    check_invariants(EventDecoder(SPEC).decode(values), len(values))
+    check_invariants(EventDecoder(SPEC).decode([*values, row()]), len(values) + 1)
 
 
 # --- rejection log ---------------------------------------------------------------------------
