@@ -8,6 +8,13 @@ convergence, fit time, events and groups covered) and what the next refresh need
 (theta). Its JSON uses the field names of ``streamlme fit --json`` plus ``version`` and
 ``created_at``; that JSON is a public contract (add fields, never rename).
 
+A record also says what it was fitted from: ``epoch``, the namespace's epoch at fit time (a
+namespace that came back empty has another), ``gaps``, the offset ranges the statistics lacked
+(`streamlme.store.health.Gap`; ``complete`` is False when there are any: the model does not
+cover those events), and ``excluded``, the cells left out because their statistics were not
+finite or not valid (named in ``warnings`` too). Times are unix seconds (``created_at``, part of
+the contract) with ISO 8601 beside them (``created_at_iso``, a gap's ``recorded_at``).
+
 >>> import numpy as np
 >>> from streamlme import GroupStats, ModelSpec
 >>> from streamlme.estimate import fit
@@ -30,11 +37,17 @@ import numpy as np
 from numpy.typing import NDArray
 
 from streamlme.blup import Effects, Kernel, TermsModel, group_effects
-from streamlme.estimate.result import FitResult
+from streamlme.estimate.result import FitResult, OptSummary, TermFit
 from streamlme.spec import ModelSpec
 from streamlme.stats import GroupStats
 
 Array = NDArray[np.float64]
+
+
+#: Cells a record names among those left out of its fit (the count is always kept).
+MAX_EXCLUDED = 100
+#: JSON fields computed from the record's own fields, not part of the fit
+_DERIVED = frozenset({"created_at_iso", "complete", "excluded"})
 
 
 class ModelRecordError(ValueError):
@@ -51,6 +64,13 @@ class ModelRecord:
     created_at: float = field(default_factory=time.time)
     fit_seconds: float = 0.0
     events_seen: float = 0.0
+    #: the namespace's epoch when the statistics were read (None: not recorded)
+    epoch: str | None = None
+    #: offset gaps the statistics lacked at fit time, as `Gap.to_dict` gives them
+    gaps: list[dict[str, Any]] = field(default_factory=list)
+    #: keys of cells left out of the fit (unreadable statistics), at most `MAX_EXCLUDED` named
+    excluded: list[str] = field(default_factory=list)
+    n_excluded: int = 0
 
     @classmethod
     def from_fit(cls, result: FitResult, spec: ModelSpec, fit_seconds: float | None = None,
@@ -116,6 +136,33 @@ class ModelRecord:
     def converged(self) -> bool:
         return bool(self.fit["converged"])
 
+    def fit_result(self) -> FitResult:
+        """The stored fit as a `FitResult` without per-level effects, so that its lme4-style
+        `FitResult.summary` can print it (levels are not stored: only their count)."""
+        f = self.fit
+        opt = f.get("optsummary") or {}
+        optsummary = OptSummary(
+            optimizer=str(opt.get("optimizer", "?")), theta_start=list(opt.get("theta_start", [])),
+            theta=list(opt.get("theta", f["theta"])), n_evals=int(opt.get("n_evals", 0)),
+            iterations=int(opt.get("iterations", f.get("iterations", 0))),
+            converged=bool(opt.get("converged", f["converged"])),
+            message=str(opt.get("message", "")),
+            gradient_norm=float(opt.get("gradient_norm", float("nan"))),
+            seconds=float(opt.get("seconds", self.fit_seconds)),
+            warm_start=bool(opt.get("warm_start", False)))
+        terms = [TermFit(t["group"], list(t["random"]), t.get("covariance", f["covariance"]),
+                         np.asarray(t["G"], dtype=float), np.asarray(t["theta"], dtype=float),
+                         levels=[""] * int(t.get("n_levels") or 0))
+                 for t in f.get("terms") or []]
+        return FitResult(
+            method=f["method"], converged=bool(f["converged"]), n_obs=float(f["n_obs"]),
+            n_groups=int(f["n_groups"]), fixed=list(f["fixed"]), random=list(f["random"]),
+            beta=self.beta, beta_cov=self.beta_cov, G=self.G, sigma2=self.sigma2,
+            theta=np.asarray(f["theta"], dtype=float), criterion=float(f["criterion"]),
+            covariance=f["covariance"], optsummary=optsummary,
+            singular=bool(f.get("singular", False)), warnings=list(f.get("warnings", [])),
+            z_centre=self.z_centre, G_centred=self.G_centred, terms=terms)
+
     # -- JSON -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +175,10 @@ class ModelRecord:
             "fit_seconds": self.fit_seconds,
             "events_seen": self.events_seen,
             "spec": self.spec.to_dict(),
+            "epoch": self.epoch,
+            "gaps": list(self.gaps),
+            "complete": not self.gaps,
+            "excluded": {"cells": self.n_excluded, "keys": list(self.excluded)},
         }
 
     def to_json(self) -> str:
@@ -145,8 +196,13 @@ class ModelRecord:
                 created_at=float(doc.pop("created_at")),
                 fit_seconds=float(doc.pop("fit_seconds")),
                 events_seen=float(doc.pop("events_seen")),
-                fit={k: v for k, v in doc.items() if k != "created_at_iso"},
+                epoch=doc.pop("epoch", None),
+                gaps=list(doc.pop("gaps", [])),
+                fit={k: v for k, v in doc.items() if k not in _DERIVED},
             )
+            excluded = doc.get("excluded") or {}
+            rec.excluded = list(excluded.get("keys", []))
+            rec.n_excluded = int(excluded.get("cells", len(rec.excluded)))
             for key in ("beta", "fixed", "G", "sigma2", "beta_cov", "random", "converged"):
                 if key not in rec.fit:
                     raise KeyError(key)

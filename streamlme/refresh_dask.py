@@ -11,7 +11,8 @@ A refresh on Dask (`DaskRefresh`):
    sum later returned names the versions of the shards it came from, so a shard recomputed
    after it changed (a live stream merges into it) is detected (`ShardMovedError`), never
    silently mixed with the old frame. The futures keep the shards in the workers' memory for
-   the whole refresh.
+   the whole refresh. Cells whose statistics are not finite or not valid are left out there
+   (`streamlme.refresh.valid_cells`) and named to the driver, as the local engine does.
 2. **Summaries.** One small task per worker returns its shards' pooled moments and digests
    (`streamlme.estimate.blocks.summarise`, `streamlme.refresh.stats_digest`); the driver
    combines them into the frame (the global centring) and the statistics' fingerprint, which
@@ -47,7 +48,7 @@ import numpy as np
 from streamlme.estimate import blocks
 from streamlme.estimate.blocks import Block, Frame
 from streamlme.estimate.result import FitResult
-from streamlme.refresh import StatsDigest, stats_digest
+from streamlme.refresh import StatsDigest, drop_invalid, stats_digest
 from streamlme.spec import ModelSpec
 from streamlme.stats import GroupStats
 
@@ -72,6 +73,7 @@ class Shard:
     index: int
     version: int
     stats: GroupStats
+    excluded: list[str] = field(default_factory=list)  # cells left out: not valid statistics
 
 
 _stores: dict[Any, Any] = {}
@@ -99,7 +101,7 @@ def load_shards(address: Any, shards: Sequence[int], created: float | None = Non
     """
     store = _open(address)
     read = store.shard_versions()
-    return [Shard(s, int(read[s]), stats)
+    return [Shard(s, int(read[s]), *drop_invalid(stats))
             for s, stats in zip(shards, store.read_shards(list(shards)), strict=True)]
 
 
@@ -111,12 +113,13 @@ class ShardSummary:
     mass: float
     summary: blocks.Summary
     digest: StatsDigest
+    excluded: list[str] = field(default_factory=list)
 
 
 def summarise_shards(loads: Sequence[list[Shard]], spec: ModelSpec) -> list[ShardSummary]:
     """What the driver needs of some loaded shards before it can build blocks (small)."""
     return [ShardSummary(s.index, s.version, len(s.stats), float(s.stats.n.sum()),
-                         blocks.summarise(s.stats, spec), stats_digest(s.stats))
+                         blocks.summarise(s.stats, spec), stats_digest(s.stats), s.excluded)
             for shards in loads for s in shards]
 
 
@@ -219,9 +222,10 @@ class Loaded:
     """What the read phase gives the refresh."""
 
     fingerprint: str
-    rows: int       # the store's groups (cells), those without mass included
+    rows: int       # the store's valid groups (cells), those without mass included
     mass: float     # total weight mass
     seconds: float
+    excluded: list[str] = field(default_factory=list)  # cells left out: not valid statistics
 
 
 @dataclass
@@ -292,7 +296,8 @@ class DaskRefresh:
         for s in self.summaries:
             digest = digest + s.digest
         return Loaded(digest.hexdigest(), sum(s.rows for s in self.summaries),
-                      float(sum(s.mass for s in self.summaries)), time.perf_counter() - t0)
+                      float(sum(s.mass for s in self.summaries)), time.perf_counter() - t0,
+                      [key for s in self.summaries for key in s.excluded])
 
     def _by_thread(self, futures: Sequence[Any]) -> list[tuple[str, list[Any]]]:
         """The futures grouped by the worker holding them, one group per worker thread
@@ -451,8 +456,10 @@ def measure_overhead(engine: DaskRefresh, evaluations: int = 30) -> Overhead:
 
 class DaskEngine:
     """The refresh's engine "dask" (`streamlme.refresh`): ``read()`` loads the shards into the
-    workers and gives (fingerprint, cells, mass), ``fit(...)`` fits them, ``close()`` releases
-    them. Refuses a store workers cannot read and a model the block fit does not handle."""
+    workers and gives (fingerprint, cells, mass) of the valid cells (``excluded`` names the
+    others), ``fit(...)`` fits them, ``close()`` releases them. Refuses a store workers cannot
+    read and a model the block fit does not handle. The flag, the pin and the skip check (shard
+    change counters and fingerprint) are the refresh's own, the same for both engines."""
 
     name = "dask"
 
@@ -467,9 +474,12 @@ class DaskEngine:
         warm_workers(self.client, scheduler)
         self.engine = DaskRefresh(self.client, store, spec)
         self.last: DaskFit | None = None
+        #: keys of the cells the last read left out (`streamlme.refresh.valid_cells`)
+        self.excluded: list[str] = []
 
     def read(self) -> tuple[str, int, float]:
         loaded = self.engine.load()
+        self.excluded = loaded.excluded
         return loaded.fingerprint, loaded.rows, loaded.mass
 
     def fit(self, method: str | None, *, start: FitResult | Mapping[str, Any] | None = None,

@@ -216,8 +216,8 @@ def _config_mentions(doc: Doc) -> Iterator[tuple[str, str, str | None]]:
     for m in re.finditer(r"\bSTREAMLME_([A-Z0-9_]*[A-Z0-9])\b", doc.text):
         section, _, key = m[1].lower().partition("_")
         if not key:
-            if section in ("kafka", "redis"):
-                continue  # STREAMLME_KAFKA / STREAMLME_REDIS point the tests at servers
+            if section in ("kafka", "redis", "debug"):
+                continue  # STREAMLME_KAFKA / _REDIS point the tests at servers; _DEBUG: tracebacks
             yield m[0], section, None
         elif section == "kafka" and key.startswith("client_"):
             continue

@@ -81,8 +81,10 @@ def reference_fit(stats: GroupStats, start=None, **kw):
 
 def same_fit(record: ModelRecord, expected) -> None:
     want = expected.to_dict(ranef=False)
-    assert len(record.fit["stats_fingerprint"]) == 32  # what the refresh adds to a fit's fields
-    got = {k: v for k, v in record.fit.items() if k not in VOLATILE | {"stats_fingerprint"}}
+    # what the refresh adds to a fit's fields: what the statistics were when it read them
+    assert len(record.fit["stats_fingerprint"]) == 32 and len(record.fit["stats_versions"]) == 32
+    added = {"stats_fingerprint", "stats_versions"}
+    got = {k: v for k, v in record.fit.items() if k not in VOLATILE | added}
     assert got == {k: v for k, v in want.items() if k not in VOLATILE}
     assert record.fit["optsummary"]["n_evals"] == want["optsummary"]["n_evals"]
 
@@ -160,7 +162,7 @@ def test_read_stats_in_small_chunks_is_identical(make_store):
             {k: v for k, v in records[0].fit.items() if k not in VOLATILE}
 
 
-def test_history_is_trimmed_and_rollback_makes_an_old_version_current(make_store):
+def test_history_is_trimmed_and_rollback_pins_an_old_version(make_store):
     store = make_store()
     store.merge(batch(0, 400))
     settings = RefreshSettings(history=3)
@@ -180,10 +182,16 @@ def test_history_is_trimmed_and_rollback_makes_an_old_version_current(make_store
     assert current_model(store).fit["n_obs"] == 700
     with pytest.raises(StoreError, match="version 1 is not stored; stored versions: 3, 4, 5"):
         rollback(store, 1)
-    assert store.current_model_version() == 3
-    # the next refresh warm-starts from the rolled-back model and supersedes it
+    assert store.current_model_version() == 3 and store.pinned_model() == 3
+    # pinned: new events arrive, the refresh writes nothing and says how to resume
+    store.merge(batch(900, 1000))
+    held = refresh_once(store, SPEC, settings)
+    assert held.status == "pinned" and held.pinned == 3 and "model --unpin" in held.message
+    assert store.model_versions() == [3, 4, 5] and store.current_model_version() == 3
+    # unpinned, the next refresh warm-starts from the rolled-back model and supersedes it
+    assert store.unpin_model() == 3 and store.pinned_model() is None
     after = refresh_once(store, SPEC, settings)
-    assert after.start_version == 3 and after.version == 6
+    assert after.ok and after.start_version == 3 and after.version == 6
     assert store.model_versions() == [4, 5, 6]
 
 
@@ -352,6 +360,8 @@ def test_refresh_once_and_model_command(redis_config, redis_url, namespace):
     status, text = model_command(config, rollback_to=9)
     assert status == 1 and "not stored" in text and store.current_model_version() == 1
     assert "*      1" in model_command(config, history=True)[1]
+    status, text = model_command(config, unpin=True)
+    assert status == 0 and text.startswith("version 1 unpinned")
 
     bad = load_config(redis_config, env={"STREAMLME_REFRESH_MAX_ITER": "1"})
     store.merge(batch(500, len(DATA.y)))

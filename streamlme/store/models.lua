@@ -2,7 +2,7 @@
 --
 -- KEYS[1] models hash (version -> record)   KEYS[2] version counter   KEYS[3] current version
 -- KEYS[4] highest fencing token used        KEYS[5] lease ("owner|token", with a TTL)
--- KEYS[6] lease token counter
+-- KEYS[6] lease token counter               KEYS[7] the namespace's meta hash (pin, flag, epoch)
 -- ARGV[1] "put":     ARGV[2] record, ARGV[3] fencing token or "", ARGV[4] versions to keep
 --         "get":     ARGV[2] version or "" for the current one      -> record or nil
 --         "current": ARGV[2] version                               -> version
@@ -10,6 +10,16 @@
 --         "renew":   ARGV[2] owner, ARGV[3] token, ARGV[4] ttl ms  -> 1 if still ours, else 0
 --         "release": ARGV[2] owner, ARGV[3] token                  -> 1 if it was ours, else 0
 --         "holder":                                    -> {holder, ms left} or {} if free
+--         "put_checked": as "put", ARGV[5] the namespace epoch the record was fitted from;
+--                    refused (nothing written) while a version is pinned, while the namespace
+--                    is flagged, or when its epoch is no longer ARGV[5]
+--         "pin":     ARGV[2] version, ARGV[3] now (unix time) -> version, made current and pinned
+--         "unpin":                                  -> the version that was pinned, or nil
+--
+-- The pin is the field "pinned" (with "pinned_at") of the meta hash: deleted with the
+-- namespace, so a namespace that comes back empty is never pinned to a version it lacks. Pin and
+-- current are set together here, and "put_checked" reads the pin in the same script that
+-- writes, so a refresher that started its fit before `model --rollback` cannot undo the pin.
 --
 -- Fencing: a put carrying a token is refused unless the lease is held right now with that token
 -- and no larger token was used before (a put without a token is not checked). Checking
@@ -24,7 +34,7 @@ local function holder_token(holder)
   return tonumber(string.match(holder, '|(%d+)$'))
 end
 
-if op == 'put' then
+local function put()
   local fence = ARGV[3]
   if fence ~= '' then
     local token = tonumber(fence)
@@ -53,6 +63,34 @@ if op == 'put' then
     end
   end
   return version
+end
+
+if op == 'put' then
+  return put()
+elseif op == 'put_checked' then
+  local pinned, flag, epoch = unpack(redis.call('HMGET', KEYS[7], 'pinned', 'flag', 'epoch'))
+  if pinned then
+    return redis.error_reply('PINNED version ' .. pinned .. ' is pinned')
+  end
+  if flag then
+    return redis.error_reply('FLAGGED the namespace is flagged ' .. flag)
+  end
+  if (epoch or '') ~= ARGV[5] then
+    return redis.error_reply('EPOCH the namespace epoch is ' .. tostring(epoch or 'none')
+      .. ', not ' .. ARGV[5] .. ' (it was reset)')
+  end
+  return put()
+elseif op == 'pin' then
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then
+    return redis.error_reply('NO_VERSION model version ' .. ARGV[2] .. ' is not stored')
+  end
+  redis.call('SET', KEYS[3], ARGV[2])
+  redis.call('HSET', KEYS[7], 'pinned', ARGV[2], 'pinned_at', ARGV[3])
+  return tonumber(ARGV[2])
+elseif op == 'unpin' then
+  local pinned = redis.call('HGET', KEYS[7], 'pinned')
+  redis.call('HDEL', KEYS[7], 'pinned', 'pinned_at')
+  return pinned
 elseif op == 'get' then
   local version = ARGV[2]
   if version == '' then
