@@ -545,16 +545,23 @@ def refresh(config_path: str, once: bool, every: str | None, wait: str | None,
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (fit --json fields).")
 @click.option("--history", is_flag=True, help="List stored versions.")
 @click.option("--rollback", "rollback_to", type=int, default=None, metavar="V",
-              help="Make version V the current model.")
-def model(config_path: str, as_json: bool, history: bool, rollback_to: int | None) -> None:
-    """Show the current model, the version history, or roll back to an older version.
+              help="Make version V the current model and pin it: refreshers write no new "
+                   "version until --unpin.")
+@click.option("--unpin", is_flag=True,
+              help="Remove the pin --rollback set: the next refresh writes a new version.")
+def model(config_path: str, as_json: bool, history: bool, rollback_to: int | None,
+          unpin: bool) -> None:
+    """Show the current model (lme4's layout), the version history, or roll back to an older
+    version and pin it.
 
     Example: streamlme model --config streamlme.toml --history
     """
     from streamlme.refresh import model_command
 
+    if unpin and rollback_to is not None:
+        raise click.UsageError("--rollback and --unpin exclude each other")
     status, text = model_command(_load(config_path), as_json=as_json, history=history,
-                                 rollback_to=rollback_to)
+                                 rollback_to=rollback_to, unpin=unpin)
     click.echo(text, err=status != 0)
     sys.exit(status)
 
