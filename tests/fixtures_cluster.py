@@ -15,8 +15,10 @@ Fixtures:
 - ``private_redis_cluster`` (function): a fresh local cluster per test, for tests that kill,
   freeze or reshard. Skipped when ``STREAMLME_REDIS_CLUSTER`` names a cluster to use instead.
 - ``cluster_namespace`` (function): a unique namespace; afterwards every key of it (hash tags
-  ``{ns}`` and ``{ns:s<N>}``) is deleted on every master of ``redis_cluster``. A cluster the
-  tests did not start is never flushed. Keys a test left in ``private_redis_cluster`` go with it.
+  ``{ns}`` and ``{ns:s<N>}``) is deleted on every master of ``redis_cluster`` (and from
+  ``redis_url`` if the test used it). A cluster the tests did not start is never flushed. Keys a
+  test left in ``private_redis_cluster`` go with it. At the end of the session a key with no
+  expiry left in ``redis_cluster`` fails the run (as in `fixtures_redis`).
 
 Without ``redis-server``/``redis-cli`` the tests that need a cluster are skipped, except under
 ``CI=true``, where they fail: CI must run them.
@@ -31,13 +33,13 @@ import signal
 import socket
 import subprocess
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import redis
+from fixtures_redis import assert_no_keys_left, cleanup_namespace, keys_without_expiry, new_namespace
 from net_helpers import free_port
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
@@ -590,12 +592,26 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClu
     handle = _env_cluster()
     if handle is not None:
         yield handle
+        assert_no_cluster_keys_left(handle, private=False)
         return
     cluster = LocalRedisCluster(tmp_path_factory.mktemp("redis-cluster")).start()
     try:
         yield cluster
+        assert_no_cluster_keys_left(cluster, private=True)
     finally:
         cluster.stop()
+
+
+def assert_no_cluster_keys_left(cluster: RedisClusterHandle, private: bool) -> None:
+    """`fixtures_redis.assert_no_keys_left` over every master of ``cluster``."""
+    keys: list[bytes] = []
+    for master in cluster.masters():
+        node = cluster.node(master, timeout=5.0)
+        try:
+            keys += keys_without_expiry(node, "*" if private else "{t-*")
+        finally:
+            node.close()
+    assert_no_keys_left(f"the session's Redis Cluster {cluster.url}", keys, private)
 
 
 @pytest.fixture
@@ -614,7 +630,6 @@ def private_redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 def cluster_namespace(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace; afterwards its keys are deleted from ``redis_cluster`` (if the test
     used it). A ``private_redis_cluster`` is thrown away whole, keys and all."""
-    ns = f"t-{uuid.uuid4().hex[:8]}"
+    ns = new_namespace(request)
     yield ns
-    if "redis_cluster" in request.fixturenames:
-        delete_cluster_namespace(request.getfixturevalue("redis_cluster"), ns)
+    cleanup_namespace(request, ns)

@@ -1,9 +1,16 @@
 """Redis for the tests: a real server, never a mock (pytest plugin, loaded by conftest.py).
 
-``redis_url`` picks, in order: ``STREAMLME_REDIS`` from the environment; a server answering at
-127.0.0.1:6379; a testcontainers Redis if a Docker engine answers; else a ``redis-server`` this
-session starts on a free port. Tests never FLUSHALL/FLUSHDB a server they did not start: each
-test works under its own ``namespace`` and only that namespace's keys are deleted afterwards.
+``redis_url`` is ``STREAMLME_REDIS`` from the environment if set (e.g. the machine's own Redis),
+else a ``redis-server`` this session starts on a free port (a testcontainers Redis if no
+``redis-server`` is installed but a Docker engine answers). The suite never writes into a Redis
+nobody named: by default each session (each xdist worker) has its own private server.
+
+Each test works under its own ``namespace``; afterwards every key under that namespace's hash tags
+(``{ns}``, ``{ns:s<i>}``, ``{ns-...}``) is deleted, from ``redis_url`` and ``redis_cluster``
+alike. Tests never FLUSHALL/FLUSHDB a server they did not start. At the end of the session
+`assert_no_keys_left` fails the run if a test namespace still holds a key with no expiry (a
+write that outlived its test, or a namespace made without the fixture and not cleared): on a
+private server every key counts, on a shared one those of the namespaces this session made.
 
 ``redis_server_factory`` starts private servers (e.g. with an append-only file) that a test may
 stop and restart on the same port and directory, to exercise crashes and reconnects.
@@ -126,29 +133,105 @@ def _start_container() -> Any:
         return None
 
 
+#: Namespaces the ``namespace`` fixtures made this session -> the test that made each one.
+NAMESPACES: dict[str, str] = {}
+#: Keys named in a leak report (more are counted, not listed).
+LEAK_SHOWN = 20
+
+
+def new_namespace(request: pytest.FixtureRequest) -> str:
+    """A unique test namespace, remembered with its test's id for the leak report."""
+    ns = f"t-{uuid.uuid4().hex[:8]}"
+    NAMESPACES[ns] = request.node.nodeid
+    return ns
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def namespace_of(key: bytes) -> str:
+    """The namespace a key belongs to: its hash tag less any ``:s<i>`` shard suffix."""
+    text = key.decode(errors="replace")
+    if not text.startswith("{") or "}" not in text:
+        return ""
+    return text[1:text.index("}")].split(":", 1)[0]
+
+
+def keys_without_expiry(client: redis.Redis, pattern: str = "*") -> list[bytes]:
+    """Keys matching ``pattern`` on one server (one node) that have no TTL."""
+    keys = list(client.scan_iter(match=pattern, count=1000))
+    found: list[bytes] = []
+    for i in range(0, len(keys), 1000):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i:i + 1000]:
+            pipe.pttl(key)
+        found += [k for k, ttl in zip(keys[i:i + 1000], pipe.execute()) if ttl == -1]
+    return found
+
+
+def assert_no_keys_left(where: str, keys: list[bytes], private: bool) -> None:
+    """Fail, naming the keys and the tests that made their namespaces, if a key of a test
+    namespace has no expiry (``private``: every key counts; else only this session's)."""
+    left = sorted(k for k in keys if private or namespace_of(k) in NAMESPACES)
+    if not left:
+        return
+    owners = sorted({NAMESPACES.get(namespace_of(k), "a namespace made without the fixture")
+                     for k in left})
+    shown = ", ".join(k.decode(errors="replace") for k in left[:LEAK_SHOWN])
+    more = f" and {len(left) - LEAK_SHOWN} more" if len(left) > LEAK_SHOWN else ""
+    pytest.fail(f"{len(left)} key(s) with no expiry left in {where} after the tests: {shown}{more}"
+                f" (written by {'; '.join(owners)}); delete them in the test's teardown or let "
+                "the namespace fixture own them", pytrace=False)
+
+
+def _check_server(url: str, private: bool) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        keys = keys_without_expiry(client, "*" if private else "{t-*")
+    finally:
+        client.close()
+    assert_no_keys_left(f"the session's Redis {url}", keys, private)
+
+
+def _private_server(base: Path, attempts: int = 3) -> RedisServer:
+    """A started session server; another free port if one was taken between probe and bind
+    (two xdist workers can draw the same port)."""
+    for attempt in range(attempts):
+        try:
+            return RedisServer(base / f"redis-{attempt}").start()
+        except RuntimeError:
+            if attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a Redis the whole session shares (see the module docstring for the order)."""
     env = os.environ.get("STREAMLME_REDIS")
     if env:
         if not _answers(env, timeout=2.0):
-            pytest.fail(f"STREAMLME_REDIS={env} does not answer PING")
+            pytest.fail(f"STREAMLME_REDIS={env} does not answer PING; start it or unset "
+                        "STREAMLME_REDIS to let the tests start their own redis-server")
         yield env
+        _check_server(env, private=False)
         return
-    if _answers(DEFAULT_URL):
-        yield DEFAULT_URL
-        return
-    container = _start_container()
-    if container is not None:
-        try:
-            host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
-            yield f"redis://{host}:{port}/0"
-        finally:
-            container.stop()
-        return
-    server = RedisServer(tmp_path_factory.mktemp("redis-session")).start()
+    if shutil.which("redis-server") is None:
+        container = _start_container()
+        if container is not None:
+            try:
+                host, port = container.get_container_host_ip(), container.get_exposed_port(6379)
+                url = f"redis://{host}:{port}/0"
+                yield url
+                _check_server(url, private=True)
+            finally:
+                container.stop()
+            return
+    server = _private_server(tmp_path_factory.mktemp("redis-session"))
     try:
         yield server.url
+        _check_server(server.url, private=True)
     finally:
         server.stop()
 
@@ -156,7 +239,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def delete_namespace(url: str, namespace: str) -> int:
     """UNLINK every key whose hash tag starts with ``namespace`` (SCAN MATCH, in batches)."""
     client = redis.Redis.from_url(url)
-    pattern = "{" + "".join("\\" + c if c in "*?[]\\" else c for c in namespace) + "*"
+    pattern = "{" + _glob_escape(namespace) + "*"
     deleted = 0
     try:
         batch: list[bytes] = []
@@ -172,13 +255,23 @@ def delete_namespace(url: str, namespace: str) -> int:
     return deleted
 
 
+def cleanup_namespace(request: pytest.FixtureRequest, ns: str) -> None:
+    """Delete ``ns``'s keys from each shared server the test used: ``redis_url``, and
+    ``redis_cluster`` (a private per-test server or cluster goes away with its keys)."""
+    if "redis_url" in request.fixturenames:
+        delete_namespace(request.getfixturevalue("redis_url"), ns)
+    if "redis_cluster" in request.fixturenames:
+        from fixtures_cluster import delete_cluster_namespace
+
+        delete_cluster_namespace(request.getfixturevalue("redis_cluster"), ns)
+
+
 @pytest.fixture
 def namespace(request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace; afterwards its keys (and those of ``<namespace>-...``) are deleted."""
-    ns = f"t-{uuid.uuid4().hex[:8]}"
+    ns = new_namespace(request)
     yield ns
-    if "redis_url" in request.fixturenames:
-        delete_namespace(request.getfixturevalue("redis_url"), ns)
+    cleanup_namespace(request, ns)
 
 
 class RedisServerFactory:
