@@ -4,10 +4,17 @@
 has its own offset and its own age slope. The demo writes the events as JSON lines, feeds them in
 chunks through the consumer's ingest loop (decode, fold, merge with offsets) into the embedded
 store — or, with a configuration, publishes them to Kafka and consumes them into Redis — and runs
-the refresh job after each chunk, warm-started. It ends with the variance components next to the
-truth, the hospitals with the largest offsets, how much each was shrunk, the prediction error on
-held-back patients against two baselines (ignoring hospitals; one dummy per hospital, plain least
-squares), and the shrinkage, caterpillar and trace plots in a folder.
+the refresh job after each chunk, warm-started. It ends with the variance components and fixed
+effects, each with its standard error and 95% interval, beside the population value the simulation
+drew from and this sample's own value (`estimates`), the hospitals with the largest offsets beside
+their true offsets, how much each was shrunk, the prediction error on held-back patients against
+two baselines (ignoring hospitals; one dummy per hospital, plain least squares), and the
+shrinkage, caterpillar and trace plots in a folder.
+
+Why two truths: the estimate of the intercept aims at 4 plus the average of *these* 200 hospitals'
+offsets, which is not 0. An estimate 3.65 against 4.00 with a standard error of 0.11 and a sample
+value of 3.70 is the sample, not the method, being off; the interval is what covers 4.00 in 95 of
+100 simulations.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,51 +163,283 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
     finally:
         close_store(config, store)
 
-    from streamlme.plots import shrinkage_data
 
     eff = model.effects(stats)
-    true_G = _user_basis(TRUE_G_CENTRED)
+    table = estimates(train, model, n_groups)
+    shift = sample_shift(train, n_groups)
     report_: dict[str, Any] = {
         "events": len(train.los), "hospitals": len(stats), "seconds": seconds,
         "model_version": model.version,
         "beta": dict(zip(SPEC.fixed_names, model.beta.tolist())),
         "true_beta": dict(zip(SPEC.fixed_names, TRUE_BETA.tolist())),
         "sigma2": model.sigma2, "true_sigma2": TRUE_SIGMA2,
-        "G": model.G.tolist(), "true_G": true_G.tolist(),
+        "G": model.G.tolist(), "true_G": _user_basis(TRUE_G_CENTRED).tolist(),
+        "estimates": [e.to_dict() for e in table],
+        "largest_offsets": _largest_offsets(eff, model, sc, shift),
         "holdout_rmse": _holdout(model, eff, train, test, n_groups),
         "out": str(out_dir), "plots": plots,
     }
     say(f"\n{len(train.los):,} events in {seconds:.1f} s; model v{model.version}\n")
-    say("Variance components and fixed effects (estimate vs truth):")
-    say(f"  residual sd                 {np.sqrt(model.sigma2):8.3f}   {np.sqrt(TRUE_SIGMA2):8.3f}")
-    at_ref = np.array([1.0, AGE_REF])
-    sd_ref = float(np.sqrt(at_ref @ model.G @ at_ref))
-    say(f"  hospital sd at age {AGE_REF:g}       {sd_ref:8.3f}   "
-        f"{np.sqrt(TRUE_G_CENTRED[0, 0]):8.3f}")
-    say(f"  hospital sd of age slope    {np.sqrt(model.G[1, 1]):8.4f}   "
-        f"{np.sqrt(true_G[1, 1]):8.4f}")
-    for name, b, t in zip(SPEC.fixed_names, model.beta, TRUE_BETA):
-        say(f"  {name:<27} {b:8.3f}   {t:8.3f}")
-    say(f"\nHospitals with the largest offsets at age {AGE_REF:g} "
-        "(BLUP, 95% interval, patients, weight of its own data vs the prior):")
-    offset = eff.b @ at_ref
-    var = np.einsum("i,gij,j->g", at_ref, eff.cov, at_ref)
-    prior = float(at_ref @ model.G @ at_ref)
-    for i in np.argsort(-np.abs(offset))[:10]:
-        half = 1.96 * np.sqrt(var[i])
-        say(f"  {eff.keys[i]}  {offset[i]:+6.2f}  [{offset[i] - half:+6.2f}, {offset[i] + half:+6.2f}]"
-            f"  n={int(eff.n[i]):>6}  {1 - var[i] / prior:4.0%}")
-    say("\nThe smallest hospitals, pulled towards the average (offset at their own patients' mean "
-        "age: own data alone -> mixed model):")
-    shrunk = shrinkage_data(stats, SPEC, model)
-    for i in np.argsort(shrunk.n, kind="stable")[:6]:
-        say(f"  {shrunk.keys[i]}  n={int(shrunk.n[i]):>3}  {shrunk.raw[i]:+6.2f} -> "
-            f"{shrunk.blup[i]:+6.2f}   ({shrunk.reliability[i]:4.0%} from its own data)")
+    _say_estimates(say, table, len(stats))
+    _say_offsets(say, report_["largest_offsets"])
+    _say_smallest(say, stats, model, sc, shift)
     say("\nHeld-back patients, RMSE of predicted length of stay:")
     for name, value in report_["holdout_rmse"].items():
         say(f"  {name:<28} {value:.4f}")
     say(f"\nPlots and events in {out_dir}/: {', '.join(Path(p).name for p in plots)}")
     return report_
+
+
+# ---- what the demo prints --------------------------------------------------------------------
+
+def _number(x: float, digits: int) -> str:
+    return f"{x:9.{digits}f}" if np.isfinite(x) else f"{'n/a':>9}"
+
+
+def _say_estimates(say: Any, table: list[Estimate], hospitals: int) -> None:
+    say("Variance components and fixed effects: estimate, standard error and 95% interval, beside\n"
+        "the population value the simulation drew from and this sample's own value (what the "
+        f"{hospitals}\nhospitals' and patients' simulated effects make it):")
+    say(f"  {'':<26} {'estimate':>9} {'s.e.':>9}   {'95% interval':^21}  {'population':>10}"
+        f" {'this sample':>11}")
+    for e in table:
+        d = 4 if abs(e.truth) < 0.1 else 3
+        say(f"  {e.name:<26} {_number(e.estimate, d)} {_number(e.se, d)}   "
+            f"[{_number(e.lower, d)}, {_number(e.upper, d)}]  {e.truth:10.{d}f} {e.sample:11.{d}f}")
+    far = max((e for e in table if e.se > 0), key=lambda e: abs(e.estimate - e.truth) / e.se)
+    inside = "inside" if far.covers(far.truth) else "outside (as 1 in 20 truths is)"
+    say(f"  {far.name} {far.estimate:.3f} is {abs(far.estimate - far.truth) / far.se:.1f} s.e. from "
+        f"the population's {far.truth:.3f}, {inside} its interval,\n"
+        f"  and {abs(far.estimate - far.sample) / far.se:.1f} s.e. from this sample's "
+        f"{far.sample:.3f}: what these hospitals are, not an error of the fit.")
+
+
+def _say_offsets(say: Any, rows: list[dict[str, Any]]) -> None:
+    say(f"\nHospitals with the largest offsets at age {AGE_REF:g}: BLUP, 95% interval, its true "
+        "(simulated) offset from\nthe population's mean and from these hospitals' mean (what the "
+        "BLUP estimates), patients,\nweight of its own data vs the prior:")
+    say(f"  {'':4}  {'BLUP':>6}  {'95% interval':^16}  {'population':>10} {'sample':>6}")
+    for r in rows:
+        say(f"  {r['hospital']}  {r['blup']:+6.2f}  [{r['lower']:+6.2f}, {r['upper']:+6.2f}]"
+            f"  {r['truth']:+10.2f} {r['truth_in_sample']:+6.2f}  n={r['n']:>6}  "
+            f"{r['weight']:4.0%}")
+
+
+def _say_smallest(say: Any, stats: Any, model: Any, sc: Scenario, shift: np.ndarray) -> None:
+    from streamlme.plots import shrinkage_data
+
+    say("\nThe smallest hospitals, pulled towards the average (offset at their own patients' mean "
+        "age:\nown data alone -> mixed model, and the true offset from these hospitals' mean):")
+    shrunk = shrinkage_data(stats, SPEC, model)
+    mean_age = stats.mean[:, SPEC.columns.index("age")]
+    for i in np.argsort(shrunk.n, kind="stable")[:6]:
+        z = np.array([1.0, mean_age[i] - AGE_REF])
+        truth = float((sc.b[_hospital_index(shrunk.keys[i])] - shift[:2]) @ z)
+        say(f"  {shrunk.keys[i]}  n={int(shrunk.n[i]):>3}  {shrunk.raw[i]:+6.2f} -> "
+            f"{shrunk.blup[i]:+6.2f}   true {truth:+6.2f}   "
+            f"({shrunk.reliability[i]:4.0%} from its own data)")
+
+
+def _hospital_index(key: str) -> int:
+    return int(key[1:])
+
+
+def _largest_offsets(eff: Any, model: Any, sc: Scenario, shift: np.ndarray,
+                     top: int = 10) -> list[dict[str, Any]]:
+    """The ``top`` hospitals by |BLUP offset at age 60|, with interval and true offset (from
+    the population's mean, and from these hospitals' mean: less `sample_shift`)."""
+    at_ref = np.array([1.0, AGE_REF])
+    offset = eff.b @ at_ref
+    var = np.einsum("i,gij,j->g", at_ref, eff.cov, at_ref)
+    prior = float(at_ref @ model.G @ at_ref)
+    rows = []
+    for i in np.argsort(-np.abs(offset))[:top]:
+        half = 1.96 * float(np.sqrt(var[i]))
+        rows.append({"hospital": eff.keys[i], "blup": float(offset[i]),
+                     "lower": float(offset[i]) - half, "upper": float(offset[i]) + half,
+                     "truth": float(sc.b[_hospital_index(eff.keys[i]), 0]),
+                     "truth_in_sample": float(sc.b[_hospital_index(eff.keys[i]), 0] - shift[0]),
+                     "n": int(eff.n[i]), "weight": 1.0 - float(var[i]) / prior})
+    return rows
+
+
+# ---- uncertainty: standard errors, intervals, the sample's own values -----------------------
+
+#: Normal quantile of a two-sided 95% interval.
+Z95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One quantity: the fit's estimate, its standard error and 95% interval, the population
+    value the simulation drew from, and this sample's own value.
+
+    For a fixed effect the sample's value is the population value plus the simulated hospital
+    effects as generalised least squares at the true variances weights them (what the estimate
+    aims at given these hospitals); for a standard deviation or correlation, that of the
+    simulated effects (or residuals) themselves."""
+
+    name: str
+    estimate: float
+    se: float
+    lower: float
+    upper: float
+    truth: float
+    sample: float
+
+    def covers(self, value: float) -> bool:
+        """Whether the 95% interval holds ``value``."""
+        return bool(self.lower <= value <= self.upper)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (v if not isinstance(v, float) or np.isfinite(v) else None)
+                for k, v in asdict(self).items()}
+
+
+def estimates(train: Scenario, model: Any, n_groups: int) -> list[Estimate]:
+    """Residual sd, hospital sd at age 60, sd of the age slope, their correlation and the fixed
+    effects, with Wald intervals: the fixed effects' from the fit's covariance of beta, the
+    variance components' from the REML information on the log-sd (atanh-correlation) scale."""
+    cross = _Cross.of(train, n_groups)
+    t60 = np.array([[1.0, AGE_REF], [0.0, 1.0]])
+    with np.errstate(divide="ignore", invalid="ignore"):  # a boundary fit: infinite phi
+        phi = _phi(t60 @ model.G @ t60.T, model.sigma2)
+    cov = _wald_cov(cross, phi)
+    se_phi = np.sqrt(np.diag(cov)) if cov is not None else np.full(4, np.nan)
+    true_phi = _phi(TRUE_G_CENTRED, TRUE_SIGMA2)
+    e = train.los - _mean_part(train)
+    b = train.b[np.unique(train.hospital)]
+    sample_phi = np.array([0.5 * np.log(np.mean(e * e)),
+                           np.log(np.std(b[:, 0], ddof=1)), np.log(np.std(b[:, 1], ddof=1)),
+                           np.arctanh(np.corrcoef(b[:, 0], b[:, 1])[0, 1])])
+    names = ["residual sd", f"hospital sd at age {AGE_REF:g}", "hospital sd of age slope",
+             "hospital correlation"]
+    out = []
+    for k, name in enumerate(names):
+        back = np.tanh if k == 3 else np.exp
+        slope = 1.0 - np.tanh(phi[k]) ** 2 if k == 3 else np.exp(phi[k])  # d back / d phi
+        out.append(Estimate(name, float(back(phi[k])), float(slope * se_phi[k]),
+                            float(back(phi[k] - Z95 * se_phi[k])),
+                            float(back(phi[k] + Z95 * se_phi[k])),
+                            float(back(true_phi[k])), float(back(sample_phi[k]))))
+    se_beta = np.sqrt(np.diag(model.beta_cov))
+    sample_beta = TRUE_BETA + np.linalg.solve(_T_FIXED, _shift(cross, train))
+    for name, est, se, truth, own in zip(SPEC.fixed_names, model.beta, se_beta, TRUE_BETA,
+                                         sample_beta):
+        out.append(Estimate(name, float(est), float(se), float(est - Z95 * se),
+                            float(est + Z95 * se), float(truth), float(own)))
+    return out
+
+
+#: x in the centred basis (1, age - 60, severity) from the user's (1, age, severity): b_c = T b
+_T_FIXED = np.array([[1.0, AGE_REF, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+
+
+@dataclass(frozen=True)
+class _Cross:
+    """Per hospital seen, n and the cross-products of w = (1, age - 60, severity, los): the
+    first two columns are z, the first three x."""
+
+    n: np.ndarray
+    C: np.ndarray
+    hospitals: np.ndarray
+
+    @classmethod
+    def of(cls, sc: Scenario, n_groups: int) -> _Cross:
+        w = np.column_stack([np.ones(len(sc.los)), sc.age - AGE_REF, sc.severity, sc.los])
+        outer = (w[:, :, None] * w[:, None, :]).reshape(len(w), -1)
+        C = np.stack([np.bincount(sc.hospital, weights=outer[:, k], minlength=n_groups)
+                      for k in range(outer.shape[1])], axis=1).reshape(n_groups, 4, 4)
+        n = np.bincount(sc.hospital, minlength=n_groups).astype(float)
+        seen = np.flatnonzero(n > 0)
+        return cls(n[seen], C[seen], seen)
+
+    def gls(self, G60: np.ndarray, sigma2: float) -> tuple[np.ndarray, ...]:
+        """Per hospital x'V^-1x, x'V^-1y, y'V^-1y, x'V^-1z and log|V| (V = z G z' + sigma2 I,
+        through Woodbury: nothing of size n_j x n_j)."""
+        C = self.C
+        ZZ, XZ, XX = C[:, :2, :2], C[:, :3, :2], C[:, :3, :3]
+        Zy, Xy, yy = C[:, :2, 3], C[:, :3, 3], C[:, 3, 3]
+        M = sigma2 * np.linalg.inv(G60) + ZZ
+        Minv = np.linalg.inv(M)
+        XZM = XZ @ Minv
+        XVX = (XX - XZM @ XZ.transpose(0, 2, 1)) / sigma2
+        XVy = (Xy - np.einsum("gij,gj->gi", XZM, Zy)) / sigma2
+        yVy = (yy - np.einsum("gi,gij,gj->g", Zy, Minv, Zy)) / sigma2
+        XVZ = (XZ - XZM @ ZZ) / sigma2
+        logdet = ((self.n - 2) * np.log(sigma2) + np.linalg.slogdet(G60)[1]
+                  + np.linalg.slogdet(M)[1])
+        return XVX, XVy, yVy, XVZ, logdet
+
+    def reml(self, phi: np.ndarray) -> float:
+        """-2 REML log-likelihood at phi = (log sigma, log sd at 60, log sd slope,
+        atanh correlation), up to a constant."""
+        G60, sigma2 = _from_phi(phi)
+        XVX, XVy, yVy, _, logdet = self.gls(G60, sigma2)
+        A, c = XVX.sum(axis=0), XVy.sum(axis=0)
+        return float(logdet.sum() + np.linalg.slogdet(A)[1] + yVy.sum() - c @ np.linalg.solve(A, c))
+
+
+def _phi(G60: np.ndarray, sigma2: float) -> np.ndarray:
+    sd = np.sqrt(np.diag(G60))
+    return np.array([0.5 * np.log(sigma2), np.log(sd[0]), np.log(sd[1]),
+                     np.arctanh(G60[0, 1] / (sd[0] * sd[1]))])
+
+
+def _from_phi(phi: np.ndarray) -> tuple[np.ndarray, float]:
+    s0, s1, r = np.exp(phi[1]), np.exp(phi[2]), np.tanh(phi[3])
+    return np.array([[s0 * s0, r * s0 * s1], [r * s0 * s1, s1 * s1]]), float(np.exp(2 * phi[0]))
+
+
+def _wald_cov(cross: _Cross, phi: np.ndarray, h: float = 1e-3) -> np.ndarray | None:
+    """2 H^-1, H the central-difference Hessian of -2 REML log-likelihood in phi; None when H
+    is not positive definite (an estimate on the boundary, e.g. a zero variance)."""
+    if not np.isfinite(phi).all():
+        return None
+    try:
+        H = _hessian(cross.reml, phi, h)
+    except np.linalg.LinAlgError:  # a step reached a singular G
+        return None
+    if not np.isfinite(H).all() or np.linalg.eigvalsh(H).min() <= 0:
+        return None
+    return 2.0 * np.linalg.inv(H)
+
+
+def _hessian(f: Any, x: np.ndarray, h: float) -> np.ndarray:
+    """Central-difference Hessian of ``f`` at ``x`` with step ``h``."""
+    k = len(x)
+    f0 = f(x)
+    steps = np.eye(k) * h
+    H = np.empty((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            if i == j:
+                H[i, i] = (f(x + steps[i]) - 2 * f0 + f(x - steps[i])) / h**2
+            else:
+                H[i, j] = H[j, i] = (f(x + steps[i] + steps[j]) - f(x + steps[i] - steps[j])
+                                     - f(x - steps[i] + steps[j])
+                                     + f(x - steps[i] - steps[j])) / (4 * h * h)
+    return H
+
+
+def _mean_part(sc: Scenario) -> np.ndarray:
+    """The simulated expected length of stay: fixed part and each hospital's effect."""
+    b = sc.b[sc.hospital]
+    return (TRUE_BETA[0] + TRUE_BETA[1] * sc.age + TRUE_BETA[2] * sc.severity
+            + b[:, 0] + b[:, 1] * (sc.age - AGE_REF))
+
+
+def sample_shift(train: Scenario, n_groups: int) -> np.ndarray:
+    """How far these hospitals' simulated effects move the fixed effects from the population's,
+    in the centred basis (1, age - 60, severity): E[beta-hat | the effects] - beta at the true
+    variances. Its first two entries are the sample's mean offset at 60 and mean age slope (as
+    the fit weights hospitals): a BLUP estimates a hospital's effect less these."""
+    return _shift(_Cross.of(train, n_groups), train)
+
+
+def _shift(cross: _Cross, sc: Scenario) -> np.ndarray:
+    XVX, _, _, XVZ, _ = cross.gls(TRUE_G_CENTRED, TRUE_SIGMA2)
+    return np.linalg.solve(XVX.sum(axis=0), np.einsum("gij,gj->i", XVZ, sc.b[cross.hospitals]))
 
 
 def _plots(store: Any, out_dir: Path) -> list[str]:
