@@ -32,8 +32,6 @@ import pytest
 import redis
 from net_helpers import free_port
 
-DEFAULT_URL = "redis://127.0.0.1:6379/0"
-
 
 class CountingRedis(redis.Redis):
     """A real client that remembers which commands it sent (to count round trips)."""
