@@ -20,7 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from fixtures_redis import RedisServer
-from net_helpers import free_port, serving
+from net_helpers import free_port
 from query_helpers import SPEC, make_rows, seed_store, write_config
 
 from streamlme import GroupStats
@@ -279,10 +279,3 @@ def test_serve_waits_for_redis_and_carries_on_when_it_answers(tmp_path):
         proc.wait(20)
         redis_server.stop()
 
-
-def test_serve_as_a_user_runs_it_answers_once_ready(store, redis_url, namespace, tmp_path):
-    seed_store(store, *make_rows(60))
-    port = free_port()
-    config = write_config(tmp_path / "c.toml", redis_url, namespace, port=port)
-    with serving(config, port, tmp_path / "serve.log") as base:
-        assert httpx.get(base + "/readyz", timeout=5).json()["status"] == "ready"
