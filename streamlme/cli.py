@@ -482,16 +482,21 @@ def consume(config_path: str, max_events: int | None, until_idle: float | None,
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help=CONFIG_HELP)
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def publish(path: str, config_path: str, no_progress: bool) -> None:
+@click.option("--no-check", is_flag=True,
+              help="Send the file even if some rows would be dead-lettered (by default every "
+                   "row is first decoded as the consumer would, and a bad row refuses the file).")
+def publish(path: str, config_path: str, no_progress: bool, no_check: bool) -> None:
     """Send the rows of a CSV / JSON-lines file to the topic, keyed by group.
+
+    Nothing is sent if a row would be dead-lettered: the first bad lines are named.
 
     Example: streamlme publish events.csv --config streamlme.toml
     """
-    from streamlme.stream.app import run_publish
+    from streamlme.stream.publish import publish_config
 
     cfg = _load(config_path)
     try:
-        count = run_publish(cfg, path, progress=not no_progress)
+        count = publish_config(cfg, path, progress=not no_progress, check=not no_check)
     except ValueError as exc:  # a file the model cannot read: a missing column, a bad suffix
         if isinstance(exc, SpecError) or type(exc).__name__ == "ConfigError":
             raise
