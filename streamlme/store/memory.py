@@ -648,7 +648,8 @@ class _Work:
             # exactly what merging into zeros gives: m_b * (n_b / n_b) is m_b
             self.stats = adds.copy()
         else:
-            self.stats.merge(adds, half_life=half_life)
+            with np.errstate(over="ignore", invalid="ignore"):  # refused after, if not finite
+                self.stats.merge(adds, half_life=half_life)
 
     def retract(self, b: GroupStats, order: list[str]) -> bool:
         """Take the one group of ``b`` out; False (nothing changed) if that overdraws it."""
