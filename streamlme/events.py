@@ -17,8 +17,8 @@ The decoder validates with a msgspec Struct built for the spec, so type checks r
 malformed message never raises, it becomes a `Rejection` whose reason starts with a stable code:
 
 =================  ==============================================================
-``invalid_json``   not JSON (or not UTF-8, or a NaN/Infinity token, or empty, or nested deeper
-                   than Python's recursion limit allows)
+``invalid_json``   not JSON (or not UTF-8 in a field the model reads, or a NaN/Infinity token,
+                   or empty, or nested deeper than Python's recursion limit allows)
 ``not_an_object``  valid JSON but not an object
 ``missing_column`` a model column (or a grouping column) is absent (with "did you mean" when a
                    key of the event is a close match)
