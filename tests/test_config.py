@@ -458,3 +458,53 @@ def test_defaults_of_the_fault_settings(tmp_path):
     assert config.model.max_future == 3600.0
     assert config.kafka.on_gap == "stop"
     assert config.api.max_request_bytes == 1 << 20
+
+
+def test_every_missing_and_bad_key_of_a_section_at_once(tmp_path):
+    found = errors(tmp_path, MINIMAL + "[kafka]\ngroup_id = 'x'\nmax_poll_records = 0\n"
+                   "[refresh]\nevery = 'x'\nhistory = 'y'\n")
+    assert "kafka.bootstrap_servers: missing" in found and "kafka.topic: missing" in found
+    assert any(line.startswith("kafka.max_poll_records: expected `int` >= 1") for line in found)
+    assert any(line.startswith("refresh.every: 'x' is not a duration") for line in found)
+    assert any(line.startswith("refresh.history: expected `int`, got `str`") for line in found)
+    assert len(found) == 5, found
+    bad_item = errors(tmp_path, MINIMAL + "[kafka]\nbootstrap_servers = ['k:1', '']\ntopic = 't'\n")
+    assert bad_item == ["kafka.bootstrap_servers[1]: expected `str` of length >= 1, got ''"]
+
+
+def test_a_mistyped_section_in_the_environment_gets_a_hint(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={"STREAMLME_REDSI_URL": "redis://x", "STREAMLME_LOG_LEVEL": "1",
+                               "STREAMLME_DEBUG": "1", "STREAMLME_KAFKA": "k:1"})
+    assert info.value.errors == [
+        "environment STREAMLME_REDSI_URL: no section [redsi] (did you mean STREAMLME_REDIS_URL?); "
+        "sections are model, kafka, redis, refresh, api, store"]
+
+
+def test_kafka_clients_give_up_on_an_absent_broker_within_ten_seconds(tmp_path):
+    config = load_config(write(tmp_path, FULL), env={})
+    k = config.kafka
+    assert k.producer_kwargs()["bootstrap_timeout_ms"] == 10_000
+    assert k.producer_kwargs()["max_block_ms"] == 10_000
+    assert "max_block_ms" not in k.consumer_kwargs()  # not a consumer setting
+    assert k.consumer_kwargs()["bootstrap_timeout_ms"] == k.admin_kwargs()["bootstrap_timeout_ms"]
+    assert k.connect_timeout == 10.0
+    overridden = load_config(write(tmp_path, FULL + "[kafka.client]\nbootstrap_timeout_ms = 2500\n"),
+                             env={}).kafka
+    assert overridden.producer_kwargs()["bootstrap_timeout_ms"] == 2500
+    assert overridden.connect_timeout == 2.5
+
+
+@pytest.mark.parametrize(("kafka", "redis"), [(None, None), ("k:9092", "redis://r:6379/1")])
+def test_the_starter_file_loads(tmp_path, kafka, redis):
+    from streamlme.config import starter_config
+
+    config = load_config(write(tmp_path, starter_config(kafka=kafka, redis=redis)), env={})
+    assert config.spec.formula == "los ~ 1 + age + severity + (1 + age | hospital)"
+    assert (config.kafka is None) == (kafka is None) and (config.redis is None) == (redis is None)
+    if kafka:
+        assert config.kafka.bootstrap_servers == [kafka]
+        assert config.kafka.consumer_kwargs()["session_timeout_ms"] == 6000
+    else:
+        assert config.store.snapshot == str(tmp_path / "state.npz")
