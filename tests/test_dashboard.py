@@ -161,7 +161,8 @@ def test_page_loads_without_token_and_its_data_needs_one(fed):
         assert r.status_code == 200 and kind in r.headers["content-type"]
     assert api.get("/v1/status").status_code == 401
     assert api.get("/v1/status", headers=AUTH).status_code == 200
-    assert api.get("/static/../app.py").status_code == 404
+    assert api.get("/static/../app.py").status_code == 401  # not a static file: token first
+    assert api.get("/static/../app.py", headers=AUTH).status_code == 404
 
 
 def test_static_files_are_self_contained_and_escape_data():
@@ -197,7 +198,7 @@ def served(fed, tmp_path):
         yield base, cfg
 
 
-def test_dashboard_in_headless_chromium(served, tmp_path):
+def test_dashboard_in_headless_chromium(served, store, tmp_path):
     from playwright.sync_api import sync_playwright
 
     base, cfg = served
@@ -272,6 +273,20 @@ def test_dashboard_in_headless_chromium(served, tmp_path):
                                    f"=== {json.dumps(ODD)}")
             shot = tmp_path / "dashboard.png"
             page.screenshot(path=str(shot), full_page=True)
+
+            # A flagged namespace: the page says which flag, since when and why.
+            store.set_flag("rebuilding", "consume --rebuild replays the topic")
+            page.wait_for_function("() => document.getElementById('conn').textContent "
+                                   "=== 'rebuilding'", timeout=15_000)
+            assert "consume --rebuild replays the topic" in page.text_content("#message")
+            store.clear_flag()
+            page.wait_for_function("() => document.getElementById('conn').textContent "
+                                   "=== 'live'", timeout=15_000)
+            # A pinned version says so, with how to unpin it.
+            store.pin_model(1)
+            page.wait_for_function("() => document.getElementById('k-version').textContent "
+                                   "=== 'v1 (pinned)'", timeout=15_000)
+            assert "model --unpin" in page.text_content("#k-version-sub")
         finally:
             browser.close()
     assert shot.read_bytes()[:4] == b"\x89PNG"

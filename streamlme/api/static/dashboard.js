@@ -150,10 +150,17 @@
       failed(err);
       return;
     }
-    connection(true, "live");
-    message(status.model_version === null
-      ? "No model has been estimated yet: run `streamlme refresh --config FILE --once` once events have arrived."
-      : "");
+    const ns = status.namespace || {};
+    if (status.ready === false) {
+      connection(false, ns.flag === "rebuilding" ? "rebuilding" : "state lost");
+      message("The namespace is flagged " + ns.flag + (ns.since ? " since " + ns.since : "") +
+              (ns.reason ? ": " + ns.reason : "") + ". Its statistics are not served or fitted until this clears.");
+    } else {
+      connection(true, "live");
+      message(status.model_version === null
+        ? "No model has been estimated yet: run `streamlme refresh --config FILE --once` once events have arrived."
+        : (ns.gaps && ns.gaps.length ? gapText(ns.gaps) : ""));
+    }
     showStatus(status);
     setText("updated", "updated " + new Date().toLocaleTimeString("en-GB"));
     const changed = status.model_version !== state.version;
@@ -173,9 +180,20 @@
     }
   }
 
+  function gapText(gaps) {
+    const lost = gaps.reduce((sum, g) => sum + g.events, 0);
+    return "The model does not cover " + count(lost) + " offsets that retention deleted before the store saw them: " +
+      gaps.slice(0, 3).map((g) => g.topic + "[" + g.partition + "] " + g.from + "–" + g.to).join(", ") +
+      (gaps.length > 3 ? ", …" : "") + ".";
+  }
+
   function showStatus(s) {
-    setText("k-version", s.model_version === null ? "none" : "v" + s.model_version);
-    setText("k-version-sub", s.model_age_s === null ? "no refresh yet" : "fit " + ago(s.model_age_s));
+    const pinned = s.pinned_version !== null && s.pinned_version !== undefined;
+    setText("k-version", s.model_version === null ? "none"
+      : "v" + s.model_version + (pinned && s.pinned_version === s.model_version ? " (pinned)" : ""));
+    $("k-version").dataset.pinned = pinned ? String(s.pinned_version) : "";
+    setText("k-version-sub", (s.model_age_s === null ? "no refresh yet" : "fit " + ago(s.model_age_s)) +
+      (pinned ? " · pinned by model --rollback; unpin with model --unpin" : ""));
     setText("k-groups", count(s.groups));
     setText("k-groups-sub", state.model ? count(state.model.n_groups) + " in the model" : "");
     setText("k-events", count(s.events_total));
@@ -183,10 +201,12 @@
     setText("k-rate", num(s.ingest_rate, 3) + " /s");
     setText("k-rate-sub", s.consumers.length + (s.consumers.length === 1 ? " consumer" : " consumers") + " live");
     setText("k-lag", s.lag === null ? "–" : count(s.lag));
-    setText("k-lag-sub", s.lag === null ? "unknown (no Kafka consumer)" : "messages behind");
+    setText("k-lag-sub", s.lag !== null ? "messages behind"
+      : (s.consumers.length ? "unknown (consumers read no Kafka topic)" : "unknown (no live consumer)"));
     const rows = s.consumers.map((c) => row([
       c.consumer, count(c.events_applied), count(c.events_rejected), num(c.rate, 3),
       c.lag === null ? "–" : count(c.lag), ago(c.age_s)]));
+    // a consumer reports after each batch and, while idle, as a heartbeat
     if (!rows.length) rows.push(el("tr", null, [el("td", { colspan: "6", className: "muted" }, ["no consumer in the last minute"])]));
     fill($("consumers-table").tBodies[0], rows);
   }
@@ -195,8 +215,9 @@
     const spec = m.spec || {};
     setText("formula", formula(spec));
     const facts = [
-      ["version", "v" + m.version],
+      ["version", "v" + m.version + (m.pinned ? " (pinned)" : "")],
       ["created", when(m.created_at)],
+      ["covers", m.complete === false ? "not every event: " + m.gaps.length + " offset gap(s)" : "every event consumed"],
       ["method", m.method + (m.converged ? ", converged" : ", NOT converged")],
       [m.method === "REML" ? "REML criterion" : "deviance", num(m.criterion, 8)],
       ["log-likelihood", num(m.loglik, 8)],
