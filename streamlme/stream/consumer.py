@@ -111,6 +111,8 @@ class ConsumeReport:
     commit_failures: int = 0
     lag: int | None = None
     seconds: float = 0.0
+    #: Seconds spent decoding, folding and merging batches (the rest is waiting for events).
+    busy_seconds: float = 0.0
 
     @property
     def events_rejected(self) -> int:
@@ -120,6 +122,8 @@ class ConsumeReport:
         out = asdict(self)
         out["events_rejected"] = self.events_rejected
         out["events_per_second"] = round(self.events_read / self.seconds, 1) if self.seconds else 0
+        out["events_per_busy_second"] = (round(self.events_read / self.busy_seconds, 1)
+                                         if self.busy_seconds else 0)
         return out
 
 
@@ -162,6 +166,7 @@ class Ingestor:
         rebuild: bool = False,
         config_hint: str = "FILE",
         heartbeat_seconds: float = 2.0,
+        progress_seconds: float = 30.0,
     ) -> None:
         self.source = source
         self.store = store
@@ -192,6 +197,8 @@ class Ingestor:
         self.config_hint = config_hint
         self.heartbeat_seconds = heartbeat_seconds
         self._status_at = 0.0
+        self.progress_seconds = progress_seconds
+        self._progress = (time.monotonic(), 0)  # (when, events read) at the last progress line
         # partitions assigned since the last poll, whose store state is not checked yet
         self._unchecked: set[TP] = set()
         # while rebuilding: per partition, the end offset the replay must reach
@@ -532,6 +539,25 @@ class Ingestor:
     def _flush(self) -> None:
         if not self._n_pending:
             return
+        started = time.monotonic()
+        try:
+            self._flush_batch()
+        finally:
+            self.report.busy_seconds += time.monotonic() - started
+        self._log_progress()
+
+    def _log_progress(self) -> None:
+        """A progress line every ``progress_seconds``: events, rate over the interval, lag."""
+        now = time.monotonic()
+        at, read = self._progress
+        if now - at < self.progress_seconds:
+            return
+        self._progress = (now, self.report.events_read)
+        log.info("progress: %d events read, %.0f/s over the last %.0f s, lag %s",
+                 self.report.events_read, (self.report.events_read - read) / (now - at),
+                 now - at, self._lag())
+
+    def _flush_batch(self) -> None:
         jumps = self._check_gaps(self._pending) if self.source.replayable else {}
         pending, self._pending, self._n_pending = self._pending, {}, 0
         rejected_before = dict(self.dead_letters.counts)
