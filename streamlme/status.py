@@ -1,9 +1,10 @@
 """Consumer status in the store: what each ingest process did lately, for ``GET /v1/status``.
 
 Consumers run in other processes than the API, so each one publishes a small record after every
-batch it applies, and the API reads them back, through the store's `write_status` and
+batch it applies, and while idle every few seconds (a heartbeat: the same counters, its lag now),
+and the API reads them back, through the store's `write_status` and
 `read_status` (in Redis: ``{ns}:consumers:<id>`` records expiring `STATUS_TTL` s after their last
-batch, an index ``{ns}:consumers`` and all-time totals ``{ns}:ingest`` that survive restarts; a
+report, an index ``{ns}:consumers`` and all-time totals ``{ns}:ingest`` that survive restarts; a
 `MemoryStore` keeps them in this process).
 Publishing is best effort: a status that cannot be written is logged, never fails a batch.
 
@@ -31,7 +32,7 @@ from streamlme.store.base import StateStore
 
 log = logging.getLogger(__name__)
 
-#: Seconds a consumer's record outlives its last batch (a stopped consumer drops off after this).
+#: Seconds a consumer's record outlives its last report (a stopped consumer drops off after this).
 STATUS_TTL = 60.0
 #: Seconds over which a consumer measures its ingest rate.
 RATE_WINDOW = 10.0
@@ -45,7 +46,8 @@ class ConsumerStatus:
     """One consumer's record: its counters since it started, its recent rate and lag.
 
     ``rate`` is events applied per second over the last `RATE_WINDOW` seconds as the consumer
-    measured it when it published; ``interval`` the seconds between its last two batches.
+    measured it when it published (a heartbeat of an idle consumer brings it down to 0);
+    ``interval`` the seconds between its last two reports (batches or heartbeats).
     """
 
     consumer: str

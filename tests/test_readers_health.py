@@ -279,3 +279,29 @@ def test_serve_waits_for_redis_and_carries_on_when_it_answers(tmp_path):
         proc.wait(20)
         redis_server.stop()
 
+
+
+# -- consumer status ------------------------------------------------------------------------
+
+
+def test_an_idle_consumers_heartbeats_keep_it_live_with_its_lag(store, redis_url, namespace,
+                                                                tmp_path):
+    from streamlme.status import StatusPublisher
+    from streamlme.stream.consumer import ConsumeReport
+
+    seed_store(store, *make_rows(61))
+    http = api(redis_url, namespace, tmp_path)
+    publisher = StatusPublisher(store, "idle-1")
+    report = ConsumeReport(events_read=120, events_applied=120, batches=3)
+    publisher.publish(report, lag=0)
+    for _ in range(3):  # what an idle consumer sends every few seconds: same counters, lag now
+        time.sleep(0.3)
+        publisher.publish(report, lag=5)
+    status = http.get("/v1/status").json()
+    (c,) = status["consumers"]
+    assert c["consumer"] == "idle-1" and c["events_applied"] == 120 and c["lag"] == 5
+    assert status["lag"] == 5 and c["age_s"] < 1 and 0.2 < c["interval"] < 1
+    assert ISO.match(c["updated_at_iso"]) and ISO.match(c["started_at_iso"])
+    assert abs(datetime.fromisoformat(c["updated_at_iso"].replace("Z", "+00:00")).timestamp()
+               - c["updated_at"]) < 1
+    assert status["events_total"] == 120  # heartbeats add nothing to the all-time totals

@@ -69,7 +69,8 @@ class ConsumerInfo(BaseModel):
     batches: int
     lag: int | None = Field(description="Messages behind the partitions' ends; null if unknown.")
     rate: float = Field(description="Events applied per second lately (0 once it is quiet).")
-    interval: float = Field(description="Seconds between its last two batches.")
+    interval: float = Field(description="Seconds between its last two reports (batches, or "
+                                        "heartbeats while idle).")
     started_at: float
     updated_at: float
     started_at_iso: str
