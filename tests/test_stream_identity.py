@@ -133,3 +133,31 @@ def test_an_empty_cluster_shard_is_detected(tmp_path, kafka_bootstrap, kafka_top
     assert store.health().flag == "lost"
     after = read_all(store)
     assert sorted(after.keys) == sorted(k for k in before.keys if store.shard_of(k) != shard)
+
+
+def test_an_idle_consumer_notices_a_flushdb(tmp_path, kafka_bootstrap, kafka_topic,
+                                            redis_server_factory) -> None:
+    """No event after the FLUSHDB, so no merge would find out: the idle consumer's heartbeat
+    sees the namespace's epoch gone and stops with StateLostError."""
+    server = redis_server_factory()
+    ev = make_events(1_000, 50, seed=36)
+    topic = kafka_topic(1)
+    _, config = config_for(tmp_path, ev, kafka_bootstrap, topic, server.url, "idle")
+    store = open_store(config)
+    send_events(ev.messages(), topic, {"bootstrap_servers": kafka_bootstrap}, progress=False)
+    outcome: list[object] = []
+
+    def consume() -> None:
+        try:
+            outcome.append(run_consume(config, until_idle=30))
+        except StateLostError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    wait_for(lambda: offsets_sum(store, topic) == len(ev), 60, what="every event")
+    wait_for(lambda: store.epoch() is not None, 10, what="the namespace's epoch")
+    redis.Redis.from_url(server.url).flushdb()
+    thread.join(20)
+    assert not thread.is_alive() and isinstance(outcome[0], StateLostError), outcome
+    assert store.health().flag == "lost" and store.n_groups() == 0

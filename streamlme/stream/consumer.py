@@ -339,6 +339,7 @@ class Ingestor:
         if now - self._status_at < self.heartbeat_seconds:
             return
         self._status_at = now
+        self._check_epoch()
         if self._rebuild_ends is not None:
             self._rebuilt()
         try:
@@ -367,13 +368,26 @@ class Ingestor:
                                  f"`streamlme consume --config {self.config_hint} --rebuild`")
         else:
             if health.flag == "rebuilding":
+                # a rebuild stopped half-way: its shards may hold partial records, by design
                 log.info("the namespace is being rebuilt (%s); going on with it", health.reason)
                 self._rebuild_ends = self._ends()
-            if self.source.replayable:  # stdin records no offsets: nothing to compare
+            elif self.source.replayable:  # stdin records no offsets: nothing to compare
                 self._check_presence()
         self._drain_dead()
         if self._rebuild_ends == {}:
             self._finish_rebuild()  # nothing to replay
+
+    def _check_epoch(self) -> None:
+        """An idle consumer's check that the namespace is still the one it folds into (a Redis
+        back empty has no epoch, or a new one): a merge would find out, but none may come."""
+        if not self._positions:
+            return
+        epoch = self._retry("reading the namespace's epoch", self.store.epoch)
+        if self._epoch is None:
+            self._epoch = epoch
+        elif epoch != self._epoch:
+            raise self._lost(f"the namespace's epoch is {epoch}, not the {self._epoch} this "
+                             "consumer folded into (Redis restarted empty or was flushed)")
 
     def _check_presence(self) -> None:
         presence = self._retry("reading shard presence", self.store.shard_presence)
@@ -882,6 +896,9 @@ class _Positions:
 
     def __contains__(self, tp: object) -> bool:
         return tp in self._by_tp
+
+    def __bool__(self) -> bool:
+        return bool(self._by_tp)
 
     def load(self, tp: TP, recorded: Mapping[int, Mapping[int, int]]) -> None:
         mine = {s: per[tp[1]] for s, per in recorded.items() if tp[1] in per}
