@@ -376,6 +376,46 @@ def test_both_engines_agree_that_nothing_changed(redis_url, namespace, dask_addr
     assert current_model(store).version == written.version
 
 
+def test_the_dask_engine_follows_the_flag_the_counters_and_leaves_bad_cells_out(
+        redis_url, namespace, dask_address) -> None:
+    """The rules of the local refresh hold on Dask: no model while flagged; a correction that
+    keeps sizes and totals is refitted; a cell with non-finite statistics, read by a worker,
+    is left out and named, with the fit equal to the local one."""
+    from streamlme.stats import pack
+    from streamlme.store.keys import encode_group
+
+    data = case_data("slope", groups=200)
+    store = redis_store(redis_url, namespace, data.stats(), data.spec)
+    d = len(data.spec.columns)
+    key = "poison"
+    store.client.hset(store.keys.shard(store.shard_of(key)).stats, encode_group(key),
+                      pack(2.0, 0.0, np.full(d, np.inf), np.zeros((d, d))))
+    store.set_flag("rebuilding", "replaying the topic")
+    flagged = refresh_once(store, data.spec, dask_settings(dask_address))
+    assert flagged.status == "flagged" and "replaying the topic" in flagged.message
+    assert store.model_versions() == []
+    store.clear_flag()
+
+    on_dask = refresh_once(store, data.spec, dask_settings(dask_address))
+    assert on_dask.ok and on_dask.excluded == 1, on_dask.message
+    record = ModelRecord.from_json(store.get_model(on_dask.version))
+    assert record.excluded == [key] and any(key in w for w in record.fit["warnings"])
+    want = fit(data.stats(), data.spec, ranef=False)
+    assert_same_fit(record.fit_result(), want, tolerance(data.stats(), data.spec, None, want))
+    assert refresh_once(store, data.spec, dask_settings(dask_address)).status == "unchanged"
+
+    # a correction keeping the group's size and totals: two of its rows swap their y
+    W = np.array([[0.0] * (d - 1) + [1.0], [1.0] * (d - 1) + [3.0]])
+    V = np.array([[0.0] * (d - 1) + [3.0], [1.0] * (d - 1) + [1.0]])
+    added = GroupStats.from_rows(["g0001", "g0001"], W)
+    assert store.merge(added).applied
+    assert refresh_once(store, data.spec, dask_settings(dask_address)).ok
+    corrected = GroupStats.from_rows(["g0001", "g0001"], V)
+    assert store.merge(corrected, added).applied
+    out = refresh_once(store, data.spec, dask_settings(dask_address))
+    assert out.ok and out.version == 3, out.message
+
+
 class KillingRefresh(DaskRefresh):
     """Kills (SIGKILL) the process of a worker holding blocks before map number ``at``."""
 
