@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from streamlme.events import MAX_GROUP_BYTES, _level_problem
 from streamlme.spec import ModelSpec, SpecError
 from streamlme.stats import GroupStats
 
@@ -77,14 +78,7 @@ def frame_cells(frame: pd.DataFrame, spec: ModelSpec) -> tuple[np.ndarray, list[
     W = spec.design_matrix(numeric, codes)
     parts, uniques = [], []
     for c in spec.grouping_columns:
-        raw = frame[c]
-        text = raw.astype(str)
-        blank = raw.isna().to_numpy() | (text.str.strip() == "").to_numpy()
-        if blank.any():
-            i = int(np.flatnonzero(blank)[0])
-            raise DataFileError(f"column {c!r}: row {i + 1} has no level (blank); every row "
-                                "needs a level of every grouping column")
-        code, levels = pd.factorize(text, sort=True)
+        code, levels = pd.factorize(group_ids(frame, c), sort=True)
         parts.append(code.astype(np.int64))
         uniques.append([str(v) for v in levels])
     # one integer per row (mixed radix over the grouping columns), then the distinct cells
@@ -100,6 +94,75 @@ def frame_cells(frame: pd.DataFrame, spec: ModelSpec) -> tuple[np.ndarray, list[
     keys = [spec.cell_key([uniques[k][int(d[i])] for k, d in enumerate(digits)])
             for i in range(len(digits[0]))]
     return inverse.ravel(), keys, W
+
+
+def group_ids(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """A grouping column's ids as text, by the stream's rule: an id is a string, kept as it is
+    (``007`` and ``7`` are two groups), or an integer, written in decimal (``7``); a float
+    column's whole numbers count as integers (``1.0`` is ``1``: a column read as float because
+    of a missing cell). A missing or empty id, any other value, and an id the stream refuses
+    (over 256 bytes) raise DataFileError naming the column and the first such row.
+    """
+    col = frame[column]
+    if isinstance(col.dtype, pd.CategoricalDtype):
+        col = col.astype(object)
+    if pd.api.types.is_bool_dtype(col.dtype):
+        _refuse_id(column, 0, col.iloc[0] if len(col) else None)
+    missing = col.isna().to_numpy()
+    if missing.any():
+        _refuse_id(column, int(np.flatnonzero(missing)[0]), None)
+    if pd.api.types.is_integer_dtype(col.dtype):
+        text = col.astype(str).to_numpy(dtype=object)
+    elif pd.api.types.is_float_dtype(col.dtype):
+        values = col.to_numpy(dtype=float)
+        whole = np.isfinite(values) & (values == np.floor(values))
+        if not whole.all():
+            i = int(np.flatnonzero(~whole)[0])
+            _refuse_id(column, i, col.iloc[i])
+        text = np.array([str(int(v)) for v in values], dtype=object)
+    else:
+        values = col.to_numpy(dtype=object)
+        text = values if pd.api.types.infer_dtype(values, skipna=False) == "string" \
+            else np.array([_id_text(column, i, v) for i, v in enumerate(values)], dtype=object)
+    bad = [i for i, v in enumerate(text) if _level_problem(v) is not None] \
+        if not _plain_ids(text) else []
+    if bad:
+        _refuse_id(column, bad[0], text[bad[0]])
+    return text
+
+
+def _id_text(column: str, row: int, value: object) -> str:
+    """One id of a column of mixed values (JSON lines), by `group_ids`' rule."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bool, np.bool_)):
+        _refuse_id(column, row, value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)) and np.isfinite(value) and float(value).is_integer():
+        return str(int(value))
+    _refuse_id(column, row, value)
+    raise AssertionError  # unreachable: _refuse_id raises
+
+
+def _plain_ids(text: np.ndarray) -> bool:
+    """Every id non-empty and short enough, checked at C speed (the usual case)."""
+    if not len(text):
+        return True
+    lengths = pd.Series(text, dtype=object).str.len().to_numpy()
+    return bool(lengths.min() > 0 and lengths.max() <= MAX_GROUP_BYTES // 4)
+
+
+def _refuse_id(column: str, row: int, value: object) -> None:
+    if value is None or (isinstance(value, str) and value == ""):
+        raise DataFileError(f"column {column!r}: row {row + 1} has no level (blank); every row "
+                            "needs a level of every grouping column")
+    if isinstance(value, np.generic):
+        value = value.item()
+    problem = _level_problem(value) if isinstance(value, str) else None
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    raise DataFileError(f"column {column!r}: row {row + 1} holds {shown}, not a group id "
+                        f"({problem or 'a group id is a string or an integer, as in the stream'})")
 
 
 def _numeric(frame: pd.DataFrame, c: str) -> np.ndarray:

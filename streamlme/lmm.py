@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from numpy.typing import NDArray
 
-from streamlme.data import DataFileError, frame_levels, frame_stats
+from streamlme.data import DataFileError, frame_levels, frame_stats, group_ids
+from streamlme.estimate import DataError, NumericalError
 from streamlme.estimate import fit as fit_stats
 from streamlme.estimate.result import FitResult
 from streamlme.formula import parse
@@ -69,8 +70,12 @@ def lmer(
         stats = frame_stats(frame, spec)
     except DataFileError as exc:
         raise SpecError(str(exc)) from None
-    return LMMResult(spec, fit_stats(stats, spec, chosen, tol=tol, max_iter=max_iter,
-                                     ranef=ranef), stats)
+    try:
+        res = fit_stats(stats, spec, chosen, tol=tol, max_iter=max_iter, ranef=ranef)
+    except NumericalError as exc:
+        raise DataError(f"the fit failed numerically ({exc}); look for a column that nearly "
+                        "copies another or the response") from exc
+    return LMMResult(spec, res, stats)
 
 
 def _pandas(data: Any) -> pd.DataFrame:
@@ -190,7 +195,10 @@ class LMMResult:
         mu = X @ self.fit.beta
         var = np.full(len(frame), self.fit.sigma2) + np.einsum(
             "ia,ab,ib->i", X, self.fit.beta_cov, X)
-        cells = [tuple(frame[c].astype(str)) for c in spec.grouping_columns]
+        try:
+            cells = [tuple(group_ids(frame, c)) for c in spec.grouping_columns]
+        except DataFileError as exc:
+            raise SpecError(f"newdata {exc}") from None
         rows = list(zip(*cells))
         for term, tf in zip(spec.terms, self.fit.terms):
             if tf.ranef is None or tf.ranef_var is None:

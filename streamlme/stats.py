@@ -203,9 +203,16 @@ class GroupStats:
             v = v * decay_factor(t[codes] - ts, half_life)
         n = np.bincount(codes, weights=v, minlength=G)
         safe = np.where(n > 0, n, 1.0)
+        # Sum offsets from each group's first row, not raw values: a raw sum of values near
+        # 1e14 rounds to units of 0.5 and the mean loses the digits the rows had.
+        ref = np.zeros((G, d))
+        seen, first = np.unique(codes, return_index=True)
+        ref[seen] = W[first]
+        shifted = W - ref[codes]
         mean = np.empty((G, d))
         for k in range(d):
-            mean[:, k] = np.bincount(codes, weights=v * W[:, k], minlength=G) / safe
+            mean[:, k] = ref[:, k] + np.bincount(codes, weights=v * shifted[:, k],
+                                                 minlength=G) / safe
         dev = W - mean[codes]
         C = np.empty((G, d, d))
         for a in range(d):
@@ -248,13 +255,27 @@ class GroupStats:
 
     def total(self) -> tuple[float, Array, Array]:
         """(n, mean, C) of all groups pooled, merged exactly."""
+        N, e, C = self.pooled_about(self.mean[0] if len(self) else np.zeros(self.d))
+        return N, self.mean[0] + e, C
+
+    def pooled_about(self, r: Array) -> tuple[float, Array, Array]:
+        """(N, e, C) of all groups pooled: the mass, the pooled mean minus ``r`` and the
+        co-moments about the pooled mean.
+
+        e is formed from the groups' offsets m_j - r, never from raw sums, so with r near the
+        data (y ~ 1e14 + noise, r ~ 1e14) it keeps the digits of the data's spread, and
+        sum_j n_j (m_j - r) = N e holds to those digits: the pooled cross-products about r
+        then agree with the sum of the groups' ones, which a fit needs (see
+        `streamlme.estimate.crossprod`).
+        """
         if not len(self):
             raise StatsError("no groups")
-        N = self.n.sum()
-        m = (self.n[:, None] * self.mean).sum(axis=0) / N
-        dev = self.mean - m
+        N = float(self.n.sum())
+        off = self.mean - np.asarray(r, dtype=float)
+        e = (self.n @ off) / N
+        dev = off - e
         C = self.C.sum(axis=0) + np.einsum("g,ga,gb->ab", self.n, dev, dev)
-        return float(N), m, C
+        return N, e, C
 
     def check_finite(self) -> None:
         """Raise StatsError if any statistic is NaN/inf or a mass is negative."""

@@ -72,8 +72,8 @@ from numpy.typing import NDArray
 from scipy.linalg import lapack
 from scipy.optimize import Bounds, minimize
 
-from streamlme.estimate.crossprod import DataError
-from streamlme.estimate.fit import fit_report
+from streamlme.estimate.crossprod import DataError, alike_rows, check_residual, check_response
+from streamlme.estimate.fit import fit_report, note_confounded, objective_scale
 from streamlme.estimate.linalg import chol, solve_lower
 from streamlme.estimate.pls import NumericalError, ProfiledDeviance
 from streamlme.estimate.result import FitResult, TermFit
@@ -112,6 +112,7 @@ class CellDesign:
     fixed: list[int]        # per fixed effect: index into w, or -1 for the intercept
     fixed_names: list[str]
     terms: list[TermDesign]  # in the formula's order (results are reported in this order)
+    response: str = "the response"  # y's name, for errors
 
 
 class _Term:
@@ -203,6 +204,11 @@ class BlockedPLS:
                     f"'{self.fixed_names[j]}'] are linearly dependent: '{self.fixed_names[j]}' "
                     f"is {r[c]:g} in every row, which the intercept already spans; drop one of them")
         _check_rank(self.XyXy[: self.p, : self.p], self.fixed_names)
+        y_off = mean[:, -1] - mean[0, -1]
+        y_dev = y_off - (n @ y_off) / self.N
+        check_response(design.response, float(pooled[-1]),
+                       float(C[:, -1, -1].sum() + n @ (y_dev * y_dev)), self.N)
+        check_residual(self.XyXy, self.fixed_names, design.response)
 
         # Terms in fit order: most levels first (a stable sort keeps the formula's order on ties)
         terms, at = [], 0
@@ -400,7 +406,26 @@ def fit_cells(
     res.optsummary.theta_start = theta0.tolist()
     res.optsummary.warm_start = start is not None
     res.optsummary.seconds = time.perf_counter() - t0
-    return res
+    return note_confounded(res, _confounded_terms(design))
+
+
+def _confounded_terms(design: CellDesign) -> list[str]:
+    """The terms each of whose levels holds a single row: one cell, whose rows are alike."""
+    n, mean, C, live = _checked_cells(design)
+    off = mean - mean[0]
+    dev = off - (n @ off) / n.sum()
+    pooled_var = (np.diagonal(C, axis1=1, axis2=2).sum(axis=0)
+                  + np.einsum("c,ca,ca->a", n, dev, dev)) / n.sum()
+    alike = alike_rows(n, C, pooled_var)
+    out = []
+    for t in design.terms:
+        codes = np.asarray(t.codes, dtype=np.intp)[live]
+        cells = np.bincount(codes, minlength=len(t.levels))
+        single = np.bincount(codes, weights=alike, minlength=len(t.levels))
+        used = cells > 0
+        if ((cells[used] == 1) & (single[used] == 1)).all():
+            out.append(t.group)
+    return out
 
 
 def _minimise(
@@ -409,8 +434,9 @@ def _minimise(
     """The state at the theta minimising the profiled deviance within lme4's bounds, and what
     the optimiser said.
 
-    COBYQA (Powell's successor to BOBYQA, lme4's optimiser) on the deviance divided by its value
-    at the start, so that tolerances are relative; from a warm start its first steps are short.
+    COBYQA (Powell's successor to BOBYQA, lme4's optimiser) on the deviance shifted by its value
+    at the start and divided by the number of levels (`fit.objective_scale`); from a warm start
+    its first steps are short.
     A derivative-free method stops near, not on, a bound that the optimum sits on, so each small
     diagonal element is then tried at exactly 0 and kept there if the deviance is no worse;
     `_polish` then checks the answer by finite differences and refines it.
@@ -436,9 +462,9 @@ def _minimise(
     d0 = dev(theta0, keep=True)
     if not np.isfinite(d0):
         raise NumericalError("the deviance cannot be evaluated at the starting theta")
-    scale = max(abs(d0), 1.0)
+    shift, scale = objective_scale(d0, sum(t.n for t in pls.terms))
     opt = minimize(
-        lambda th: d0 / scale if np.array_equal(th, theta0) else dev(th, keep=True) / scale,
+        lambda th: ((d0 if np.array_equal(th, theta0) else dev(th, keep=True)) - shift) / scale,
         theta0, method="COBYQA", bounds=Bounds(lower, np.full(pls.n_theta, np.inf)),
         options={"maxiter": max_iter, "maxfev": max_iter + 2 * pls.n_theta + 1,
                  "initial_tr_radius": 0.02 if warm else 0.25,

@@ -52,25 +52,30 @@ from typing import Any, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import minimize
 
 from streamlme.estimate import kernels
 from streamlme.estimate.crossprod import (
     CrossProducts,
     DataError,
     _block,
-    _check_constant,
-    _check_rank,
-    _shift_matrix,
+    alike_rows,
+    basis,
     check_width,
-    reference_point,
 )
-from streamlme.estimate.fit import SINGULAR_TOL, _check_arguments, _result, _start_theta, with_terms
+from streamlme.estimate.fit import (
+    _check_arguments,
+    _result,
+    _start_theta,
+    escape_boundary,
+    minimise,
+    note_confounded,
+    with_terms,
+)
 from streamlme.estimate.pls import NumericalError, PLSState
 from streamlme.estimate.result import FitResult
 from streamlme.estimate.theta import Parametrisation
-from streamlme.spec import INTERCEPT, ModelSpec
-from streamlme.stats import GroupStats, merge_moments
+from streamlme.spec import ModelSpec
+from streamlme.stats import GroupStats
 
 Array = NDArray[np.float64]
 P = TypeVar("P")
@@ -88,12 +93,18 @@ class BlocksUnsupportedError(ValueError):
 
 @dataclass(frozen=True)
 class Summary:
-    """Pooled moments of the groups with data (n > 0) of a block, or of several blocks."""
+    """Pooled moments of the groups with data (n > 0) of a block, or of several blocks.
+
+    ``mean_error`` is the exact pooled mean minus ``mean`` (which is rounded to the last digit
+    of the data's level), formed from the groups' offsets: `frame` needs the pooled mean about
+    its reference point to the digits of the data's spread (see `crossprod.basis`)."""
 
     groups: int   # groups with data
     N: float      # their total mass
     mean: Array   # (d,)
     C: Array      # (d, d) pooled centred co-moments
+    mean_error: Array | None = None   # (d,); None: zero
+    alike: int = 0  # groups whose rows are all alike (one row: `crossprod.alike_rows`)
 
 
 def summarise(stats: GroupStats, spec: ModelSpec) -> Summary:
@@ -103,24 +114,39 @@ def summarise(stats: GroupStats, spec: ModelSpec) -> Summary:
     stats.check_finite()
     live = stats.n > 0
     if not live.any():
-        return Summary(0, 0.0, np.zeros(stats.d), np.zeros((stats.d, stats.d)))
+        return Summary(0, 0.0, np.zeros(stats.d), np.zeros((stats.d, stats.d)), np.zeros(stats.d))
     if not live.all():
         stats = stats.select([k for k, ok in zip(stats.keys, live) if ok])
-    N, m, C = stats.total()
-    return Summary(len(stats), N, m, C)
+    ref = stats.mean[0]
+    N, e, C = stats.pooled_about(ref)
+    m = ref + e
+    alike = int(alike_rows(stats.n, stats.C, np.diag(C) / N).sum())
+    return Summary(len(stats), N, m, C, e - (m - ref), alike)
 
 
 def combine(summaries: Sequence[Summary]) -> Summary:
-    """The `Summary` of the union of the blocks (pairwise merge, in the order given)."""
+    """The `Summary` of the union of the blocks (the pairwise update, in the order given)."""
     if not summaries:
         raise DataError("no blocks: 0 group(s) with data; a random effect needs at least 2 groups")
-    groups, n, m, C = 0, np.zeros(()), summaries[0].mean * 0.0, summaries[0].C * 0.0
+    d = len(summaries[0].mean)
+    groups, n, m, C, err = 0, 0.0, np.zeros(d), np.zeros((d, d)), np.zeros(d)
+    alike = 0
     for s in summaries:
         if s.groups == 0:
             continue
-        n, m, C = merge_moments(n, m, C, np.asarray(s.N), s.mean, s.C)
-        groups += s.groups
-    return Summary(groups, float(n), m, C)
+        alike += s.alike
+        s_err = np.zeros(d) if s.mean_error is None else s.mean_error
+        if groups == 0:
+            groups, n, m, C, err = s.groups, s.N, s.mean, s.C, s_err
+            continue
+        total = n + s.N
+        # the difference of the exact means, kept to the digits of the spread
+        delta = (s.mean - m) + (s_err - err)
+        m_new = m + (s.mean - m) * (s.N / total)
+        C = C + s.C + (n * s.N / total) * np.outer(delta, delta)
+        err = (n * ((m - m_new) + err) + s.N * ((s.mean - m_new) + s_err)) / total
+        groups, n, m = groups + s.groups, total, m_new
+    return Summary(groups, float(n), m, C, err, alike)
 
 
 # -- 2. the frame ---------------------------------------------------------------------------
@@ -137,6 +163,8 @@ class Frame(CrossProducts):
     #: positions of the random terms and of [X y] in the augmented vector (1, w - r)
     iz: tuple[int, ...] = ()
     ixy: tuple[int, ...] = ()
+    #: groups whose rows are all alike (`Summary.alike`)
+    alike: int = 0
 
     @property
     def n_groups(self) -> int:  # type: ignore[override]
@@ -145,46 +173,19 @@ class Frame(CrossProducts):
 
 def frame(spec: ModelSpec, summary: Summary) -> Frame:
     """The global part of `crossprod.cross_products`, from the pooled moments of all blocks:
-    the same reference point, scaling, checks and error messages."""
+    the same reference point, scaling, checks and error messages (`crossprod.basis`)."""
     if summary.groups < 2:
         raise DataError(
             f"{summary.groups} group(s) with data; a random effect needs at least 2 groups")
-    N, M, C_pool = summary.N, summary.mean, summary.C
-    p = len(spec.fixed)
-    if p >= N:
-        raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
-    r = reference_point(spec, M)
-    cols = spec.columns
-    _check_constant(spec, M, C_pool, N, r)
-    aug = {INTERCEPT: 0, **{c: 1 + k for k, c in enumerate(cols)}}
-    ix = [aug[t] for t in spec.fixed]
-    iz = [aug[t] for t in spec.random]
-    ixy = [*ix, aug[spec.response]]
-
-    scale = np.sqrt(np.maximum(np.diag(C_pool), 0.0) / N)
-    for t in spec.random:
-        if t != INTERCEPT:
-            k = cols.index(t)
-            if not scale[k] > 1e-12 * max(abs(M[k]), 1.0):
-                if r[k] != 0.0 or M[k] == 0.0:
-                    raise DataError(
-                        f"random term {t!r} is {M[k]:g} in every row: beside an intercept it "
-                        "spans nothing the intercept does not; drop one of them")
-                scale[k] = abs(M[k])
-    z_scale = np.array([1.0 if t == INTERCEPT else 1.0 / scale[cols.index(t)]
-                        for t in spec.random])
-    e_pool = np.concatenate([[1.0], M - r])
-    XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
-    _check_rank(XyXy[:p, :p], spec)
-    T_X = _shift_matrix(spec.fixed, cols, r)
-    T_Z = _shift_matrix(spec.random, cols, r) @ np.diag(z_scale)
-    z_centre = np.array([0.0 if t == INTERCEPT else r[cols.index(t)] for t in spec.random])
-    i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
-    q, m = len(iz), len(ixy)
+    N, M = summary.N, summary.mean
+    err = np.zeros_like(M) if summary.mean_error is None else summary.mean_error
+    b = basis(spec, N, M, summary.C, lambda r: (M - r) + err)
+    q, m = len(b.iz), len(b.ixy)
     return Frame(keys=[], n=np.zeros(0), ZtZ=np.zeros((0, q, q)), ZtXy=np.zeros((0, q, m)),
-                 XyXy=XyXy, N=N, T_X=T_X, T_Z=T_Z, z_scale=z_scale, z_centre=z_centre,
-                 r_y=float(r[-1]), intercept_fixed=i0, groups=summary.groups, r=r,
-                 iz=tuple(iz), ixy=tuple(ixy))
+                 XyXy=b.XyXy, N=N, T_X=b.T_X, T_Z=b.T_Z, z_scale=b.z_scale,
+                 z_centre=b.z_centre, r_y=float(b.r[-1]), intercept_fixed=b.intercept_fixed,
+                 groups=summary.groups, r=b.r, iz=tuple(b.iz), ixy=tuple(b.ixy),
+                 alike=summary.alike)
 
 
 # -- 3. blocks ------------------------------------------------------------------------------
@@ -313,6 +314,10 @@ class Evaluator:
         self.maps = 0
         self.map_seconds = 0.0
 
+    @property
+    def n_groups(self) -> int:
+        return self.frame.groups
+
     def _map(self, fn: Callable[[Block], P]) -> list[P]:
         t0 = time.perf_counter()
         try:
@@ -332,66 +337,6 @@ class Evaluator:
         parts = self._map(partial(gradient_partial, Lam=st.Lam, beta=st.beta,
                                   R_X=st.R_X if st.reml else None))
         return self.par.grad(reduce_gradient(st, parts))
-
-
-def minimise(ev: Evaluator, theta0: Array, tol: float, max_iter: int
-             ) -> tuple[Array, dict[str, Any]]:
-    """`fit.minimise_deviance` over an `Evaluator`: the same optimiser, options and report."""
-    par = ev.par
-    scale = [1.0]
-    seen: dict[bytes, tuple[float, Array, PLSState | None]] = {}
-
-    def state_at(theta: Array) -> tuple[float, Array, PLSState | None]:
-        key = np.asarray(theta, dtype=float).tobytes()
-        if key not in seen:
-            try:
-                st = ev.state(theta)
-                seen[key] = (st.deviance, ev.gradient(st), st)
-            except NumericalError:
-                seen[key] = (np.inf, np.zeros_like(theta), None)
-        return seen[key]
-
-    def fun(theta: Array) -> tuple[float, Array]:
-        f, g, _ = state_at(theta)
-        return f / scale[0], g / scale[0]
-
-    d0 = state_at(theta0)[0]
-    scale[0] = max(abs(d0), 1.0) if np.isfinite(d0) else 1.0
-    opt = minimize(
-        fun, theta0, jac=True, method="L-BFGS-B", bounds=par.bounds,
-        options={"maxiter": max_iter, "ftol": tol * 1e-3, "gtol": tol, "maxcor": 20},
-    )
-    theta = np.asarray(opt.x, dtype=float)
-    _, g, st = state_at(theta)
-    if st is None:
-        st = ev.state(theta)
-    g = g / scale[0]
-    free = ~((theta <= par.lower + 1e-12) & (g > 0))
-    gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
-    converged = bool(opt.success or gnorm < np.sqrt(tol))
-    info = {"n_evals": len(seen), "iterations": int(opt.nit), "converged": converged,
-            "message": str(opt.message), "gradient_norm": gnorm * scale[0], "state": st}
-    return theta, info
-
-
-def escape_boundary(ev: Evaluator, theta: Array, info: dict[str, Any], tol: float,
-                    max_iter: int) -> tuple[Array, dict[str, Any]]:
-    """`fit._escape_boundary` over an `Evaluator`: re-run from inside the region when a
-    variance component ends on its bound, keep the lower deviance. The deviances compared are
-    those of the states both runs end with (the same numbers `evaluate` gives again)."""
-    par = ev.par
-    on_bound = (par.lower == 0.0) & (theta < SINGULAR_TOL)
-    if not on_bound.any():
-        return theta, info
-    inside = theta.copy()
-    inside[on_bound] = 0.5
-    theta2, info2 = minimise(ev, inside, tol, max_iter)
-    info2["n_evals"] += info["n_evals"]
-    info2["iterations"] += info["iterations"]
-    if info2["state"].deviance < info["state"].deviance:
-        return theta2, info2
-    info["n_evals"] = info2["n_evals"]
-    return theta, info
 
 
 @dataclass
@@ -428,7 +373,9 @@ def fit_blocks(
     res.optsummary.seconds = time.perf_counter() - t0
     res.optsummary.warm_start = start is not None
     res.optsummary.theta_start = par.user_factor(theta0)[par.rows, par.cols].tolist()
-    return BlockFit(with_terms(res, spec), ev.maps, ev.map_seconds)
+    res = note_confounded(with_terms(res, spec),
+                          [spec.terms[0].group] if fr.alike == fr.groups else [])
+    return BlockFit(res, ev.maps, ev.map_seconds)
 
 
 def list_map(blocks: Sequence[Block]) -> MapBlocks:

@@ -18,6 +18,7 @@ exact linear maps back to the user's basis:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,74 @@ def check_width(stats: GroupStats, spec: ModelSpec) -> None:
         )
 
 
+@dataclass
+class Basis:
+    """The global part of the cross-products: the reference point r, the scaling of random
+    covariates, the pooled [X y]'[X y] about r and the maps back to the user's basis, with
+    ``iz`` and ``ixy`` the positions of the random terms and of [X y] in u = (1, w - r)."""
+
+    r: Array
+    XyXy: Array
+    T_X: Array
+    T_Z: Array
+    z_scale: Array
+    z_centre: Array
+    intercept_fixed: int | None
+    iz: list[int]
+    ixy: list[int]
+
+
+def basis(spec: ModelSpec, N: float, M: Array, C_pool: Array,
+          offset_about: Callable[[Array], Array]) -> Basis:
+    """Check the pooled moments can identify the model and form the global part of its
+    cross-products.
+
+    (N, M, C_pool) are the pooled mass, mean and co-moments; ``offset_about(r)`` is the
+    pooled mean minus r, computed from the groups' offsets m_j - r (not as M - r, whose
+    rounding is as large as M's last digit): the pooled block is then the sum of the groups'
+    blocks to the digits of the data's spread. Without that, a response near 1e14 gave an
+    intercept-y entry that disagreed with the groups' by N ulp(1e14), an error the Schur
+    complement multiplies by theta^2.
+    """
+    p = len(spec.fixed)
+    if p >= N:
+        raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
+    r = reference_point(spec, M)
+    cols = spec.columns
+    _check_constant(spec, M, C_pool, N, r)
+    check_response(spec.response, M[-1], C_pool[-1, -1], N)
+    # index of each term in the augmented vector u = (1, w - r)
+    aug = {INTERCEPT: 0, **{c: 1 + k for k, c in enumerate(cols)}}
+    ix = [aug[t] for t in spec.fixed]
+    iz = [aug[t] for t in spec.random]
+    ixy = [*ix, aug[spec.response]]
+
+    scale = np.sqrt(np.maximum(np.diag(C_pool), 0.0) / N)
+    for t in spec.random:
+        if t != INTERCEPT:
+            k = cols.index(t)
+            if never_varies(scale[k], M[k]):
+                if r[k] != 0.0 or M[k] == 0.0:
+                    raise DataError(
+                        f"random term {t!r} is {M[k]:g} in every row: beside an intercept it "
+                        "spans nothing the intercept does not; drop one of them")
+                # a constant column is an intercept under its own name (statsmodels-style
+                # designs carry one): scale it to 1 rather than to unit spread
+                scale[k] = abs(M[k])
+    # z_s = z_c / s for random covariates: b_c = diag(1/s) b_s
+    z_scale = np.array([1.0 if t == INTERCEPT else 1.0 / scale[cols.index(t)]
+                        for t in spec.random])
+    e_pool = np.concatenate([[1.0], offset_about(r)])
+    XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
+    _check_rank(XyXy[:p, :p], spec)
+    check_residual(XyXy, spec.fixed_names, spec.response)
+    T_X = _shift_matrix(spec.fixed, cols, r)
+    T_Z = _shift_matrix(spec.random, cols, r) @ np.diag(z_scale)
+    z_centre = np.array([0.0 if t == INTERCEPT else r[cols.index(t)] for t in spec.random])
+    i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
+    return Basis(r, XyXy, T_X, T_Z, z_scale, z_centre, i0, iz, ixy)
+
+
 def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
     """Check the statistics can identify the model and form its centred cross-products."""
     check_width(stats, spec)
@@ -136,48 +205,15 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
             f"{len(stats)} group(s) with data; a random effect needs at least 2 groups"
         )
     N, M, C_pool = stats.total()
-    p = len(spec.fixed)
-    if p >= N:
-        raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
-    r = reference_point(spec, M)
-    cols = spec.columns
-    _check_constant(spec, M, C_pool, N, r)
-    # index of each term in the augmented vector u = (1, w - r)
-    aug = {INTERCEPT: 0, **{c: 1 + k for k, c in enumerate(cols)}}
-    ix = [aug[t] for t in spec.fixed]
-    iz = [aug[t] for t in spec.random]
-    ixy = [*ix, aug[spec.response]]
-
-    scale = np.sqrt(np.maximum(np.diag(C_pool), 0.0) / N)
-    for t in spec.random:
-        if t != INTERCEPT:
-            k = cols.index(t)
-            if not scale[k] > 1e-12 * max(abs(M[k]), 1.0):
-                if r[k] != 0.0 or M[k] == 0.0:
-                    raise DataError(
-                        f"random term {t!r} is {M[k]:g} in every row: beside an intercept it "
-                        "spans nothing the intercept does not; drop one of them")
-                # a constant column is an intercept under its own name (statsmodels-style
-                # designs carry one): scale it to 1 rather than to unit spread
-                scale[k] = abs(M[k])
-
-    e = np.concatenate([np.ones((len(stats), 1)), stats.mean - r], axis=1)
-    # z_s = z_c / s for random covariates: b_c = diag(1/s) b_s
-    z_scale = np.array([1.0 if t == INTERCEPT else 1.0 / scale[cols.index(t)]
-                        for t in spec.random])
+    b = basis(spec, N, M, C_pool, lambda r: stats.pooled_about(r)[1])
+    e = np.concatenate([np.ones((len(stats), 1)), stats.mean - b.r], axis=1)
+    s = b.z_scale
     # C-contiguous: the compiled per-group passes walk these arrays row by row
     ZtZ = np.ascontiguousarray(
-        _block(stats.n, e, stats.C, iz, iz) * z_scale[None, :, None] * z_scale[None, None, :])
-    ZtXy = np.ascontiguousarray(_block(stats.n, e, stats.C, iz, ixy) * z_scale[None, :, None])
-    e_pool = np.concatenate([[1.0], M - r])
-    XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
-    _check_rank(XyXy[:p, :p], spec)
-    T_X = _shift_matrix(spec.fixed, cols, r)
-    T_Z = _shift_matrix(spec.random, cols, r) @ np.diag(z_scale)
-    z_centre = np.array([0.0 if t == INTERCEPT else r[cols.index(t)] for t in spec.random])
-    i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
-    return CrossProducts(list(stats.keys), stats.n.copy(), ZtZ, ZtXy, XyXy, N, T_X, T_Z,
-                         z_scale, z_centre, float(r[-1]), i0)
+        _block(stats.n, e, stats.C, b.iz, b.iz) * s[None, :, None] * s[None, None, :])
+    ZtXy = np.ascontiguousarray(_block(stats.n, e, stats.C, b.iz, b.ixy) * s[None, :, None])
+    return CrossProducts(list(stats.keys), stats.n.copy(), ZtZ, ZtXy, b.XyXy, N, b.T_X, b.T_Z,
+                         s, b.z_centre, float(b.r[-1]), b.intercept_fixed)
 
 
 def _block(n: Array, e: Array, C: Array, rows: list[int], cols: list[int]) -> Array:
@@ -197,7 +233,7 @@ def _check_constant(spec: ModelSpec, M: Array, C_pool: Array, N: float, r: Array
         return
     for k, col in enumerate(spec.covariates):
         spread = np.sqrt(max(C_pool[k, k], 0.0) / N)
-        if col in spec.fixed and r[k] != 0.0 and not spread > 1e-12 * max(abs(M[k]), 1.0):
+        if col in spec.fixed and r[k] != 0.0 and never_varies(spread, M[k]):
             raise DataError(
                 f"fixed-effect columns ['(Intercept)', {col!r}] are linearly dependent: {col!r} "
                 f"is {M[k]:g} in every row, which the intercept already spans; drop one of them")
@@ -218,3 +254,45 @@ def _check_rank(XtX: Array, spec: ModelSpec) -> None:
             f"fixed-effect columns {involved} are linearly dependent (X is rank deficient); "
             "drop one of them"
         )
+
+
+def never_varies(spread: float, level: float) -> bool:
+    """Whether a column of this pooled standard deviation and mean is constant.
+
+    Its co-moments are exactly zero then (every offset from its mean is), up to dust far below
+    the last digit of its level; a real spread is at least about that digit. (A tolerance
+    relative to the level refused y = 1e14 + N(0, 1), whose spread is 1e-14 of its level.)
+    """
+    return not spread > 1e-3 * float(np.spacing(max(abs(level), 1.0)))
+
+
+def check_response(name: str, level: float, co_moment: float, N: float) -> None:
+    """A response that never varies has no variance to split: say so before anything fails."""
+    spread = np.sqrt(max(co_moment, 0.0) / N)
+    if never_varies(spread, level):
+        raise DataError(f"response {name!r} is {level:g} in every row: it never varies, so there "
+                        "is no variance to split between groups and residual")
+
+
+def check_residual(XyXy: Array, fixed_names: list[str], response: str) -> None:
+    """The fixed effects must leave some of y unexplained: with none left, sigma^2 is 0 and the
+    profiled deviance cannot be evaluated. ``XyXy`` is [X y]'[X y] with y last."""
+    s = np.sqrt(np.maximum(np.diag(XyXy), 0.0))
+    if s[-1] == 0.0:
+        return  # y is zero in every row: check_response says so
+    try:
+        left = np.linalg.cholesky(XyXy / np.outer(s, s))[-1, -1] ** 2
+    except np.linalg.LinAlgError:
+        left = 0.0
+    if not left > 1e-12:
+        raise DataError(f"the fixed effects {fixed_names} fit {response!r} exactly (no residual "
+                        "variation is left): there is no variance to split between groups and "
+                        "residual; drop the column that copies the response")
+
+
+def alike_rows(n: Array, C: Array, pooled_var: Array) -> NDArray[np.bool_]:
+    """Which groups (or cells) hold rows that are all alike — one row, as far as statistics can
+    tell: every column's co-moment is zero, to rounding (1e-10 of the group's mass times the
+    column's pooled variance). ``n`` (G,), ``C`` (G, d, d), ``pooled_var`` (d,)."""
+    diag = np.diagonal(C, axis1=1, axis2=2)
+    return np.asarray((diag <= 1e-10 * n[:, None] * pooled_var[None, :]).all(axis=1))

@@ -26,7 +26,7 @@ from numpy.typing import NDArray
 
 from streamlme.estimate.crossprod import CrossProducts, cross_products
 from streamlme.estimate.linalg import chol, psd_factor, solve_lower, solve_lower_t
-from streamlme.estimate.pls import LOG_2PI, evaluate
+from streamlme.estimate.pls import LOG_2PI, evaluate, gradient
 from streamlme.estimate.result import FitResult, OptSummary
 from streamlme.estimate.theta import Parametrisation
 from streamlme.spec import ModelSpec
@@ -186,7 +186,10 @@ def _result(
     deviance = _deviance(cp, beta, G, sigma2)
     opt = OptSummary(
         optimizer="EM", theta_start=[], theta=theta.tolist(), n_evals=iterations,
-        iterations=iterations, converged=converged, message=message, gradient_norm=float("nan"),
+        iterations=iterations, converged=converged, message=message,
+        # EM has no gradient of its own: report the ML deviance's, with respect to the relative
+        # factor, at EM's answer (how far from the optimum it stopped); NaN broke --json
+        gradient_norm=float(np.max(np.abs(gradient(cp, st)))),
         seconds=seconds, warm_start=warm,
     )
     res = FitResult(

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import minimize
 
-from streamlme.estimate.crossprod import CrossProducts, check_width, cross_products
+from streamlme.estimate.crossprod import CrossProducts, alike_rows, check_width, cross_products
 from streamlme.estimate.pls import NumericalError, PLSState, evaluate, gradient
 from streamlme.estimate.result import FitResult, OptSummary, TermFit
 from streamlme.estimate.theta import Parametrisation
@@ -38,6 +38,10 @@ class SingularFitWarning(UserWarning):
 
 class ConvergenceWarning(UserWarning):
     """The optimiser stopped before meeting its convergence criterion."""
+
+
+class IdentifiabilityWarning(UserWarning):
+    """A variance component the data cannot tell apart from the residual variance."""
 
 
 def fit(
@@ -69,11 +73,33 @@ def fit(
     if method == "EM":
         from streamlme.estimate.em import fit_em
 
-        return with_terms(fit_em(stats, spec, start=start, tol=tol, max_iter=max_iter,
-                                 ranef=ranef), spec)
-    if method not in ("REML", "ML"):
+        res = with_terms(fit_em(stats, spec, start=start, tol=tol, max_iter=max_iter,
+                                ranef=ranef), spec)
+    elif method in ("REML", "ML"):
+        res = with_terms(_fit_one_term(stats, spec, method, start, tol, max_iter, ranef), spec)
+    else:
         raise ValueError(f"method {method!r} is not one of REML, ML, EM")
-    return with_terms(_fit_one_term(stats, spec, method, start, tol, max_iter, ranef), spec)
+    return note_confounded(res, [spec.terms[0].group] if _all_alike(stats) else [])
+
+
+def _all_alike(stats: GroupStats) -> bool:
+    """Whether every group with data holds a single row (see `alike_rows`)."""
+    live = stats.n > 0
+    N, _, C_pool = stats.total()
+    return bool(alike_rows(stats.n[live], stats.C[live], np.diag(C_pool) / N).all())
+
+
+def note_confounded(res: FitResult, groups: Sequence[str]) -> FitResult:
+    """Warn, in the result and as an `IdentifiabilityWarning`, of each term whose levels all
+    hold a single row: its variance and the residual variance then only enter the likelihood
+    through their sum, and the fit's split between them means nothing."""
+    for group in groups:
+        note = (f"variance components not identifiable: every level of {group!r} has a single "
+                f"row, so the {group!r} variance and the residual variance are confounded and "
+                "the split between them is arbitrary; give levels more rows or drop the term")
+        res.warnings.append(note)
+        warnings.warn(note, IdentifiabilityWarning, stacklevel=3)
+    return res
 
 
 def _check_arguments(stats: object, spec: object) -> None:
@@ -119,7 +145,7 @@ def cell_design(stats: GroupStats, spec: ModelSpec) -> CellDesign:
     return CellDesign(
         n=stats.n, mean=stats.mean, C=stats.C,
         fixed=[-1 if f == INTERCEPT else spec.columns.index(f) for f in spec.fixed],
-        fixed_names=spec.fixed_names, terms=terms)
+        fixed_names=spec.fixed_names, terms=terms, response=spec.response)
 
 
 def _fit_one_term(
@@ -131,8 +157,9 @@ def _fit_one_term(
     theta0 = _start_theta(par, start)
     reml = method == "REML"
     t0 = time.perf_counter()
-    theta, info = minimise_deviance(cp, par, theta0, reml, tol, max_iter)
-    theta, info = _escape_boundary(cp, par, theta, info, reml, tol, max_iter)
+    ev = TermEvaluator(cp, par, reml)
+    theta, info = minimise(ev, theta0, tol, max_iter)
+    theta, info = escape_boundary(ev, theta, info, tol, max_iter)
     st = info.pop("state")
     if ranef and st.L is None:
         st = evaluate(cp, par.lam(theta), reml)
@@ -143,15 +170,85 @@ def _fit_one_term(
     return res
 
 
-def minimise_deviance(
-    cp: CrossProducts, par: Parametrisation, theta0: Array, reml: bool, tol: float, max_iter: int
+class Evaluator(Protocol):
+    """The profiled deviance and its gradient at theta, however the groups are held."""
+
+    par: Parametrisation
+
+    @property
+    def n_groups(self) -> int: ...
+
+    def state(self, theta: Array) -> PLSState:
+        """The state at theta; NumericalError where the deviance cannot be evaluated."""
+        ...
+
+    def gradient(self, st: PLSState) -> Array:
+        """d deviance / d theta at the state ``st``."""
+        ...
+
+
+class TermEvaluator:
+    """`Evaluator` over the stacked cross-products of one process (`pls`)."""
+
+    def __init__(self, cp: CrossProducts, par: Parametrisation, reml: bool) -> None:
+        self.cp, self.par, self.reml = cp, par, reml
+
+    @property
+    def n_groups(self) -> int:
+        return self.cp.n_groups
+
+    def state(self, theta: Array) -> PLSState:
+        return evaluate(self.cp, self.par.lam(theta), self.reml, factors=False)
+
+    def gradient(self, st: PLSState) -> Array:
+        return self.par.grad(gradient(self.cp, st))
+
+
+def objective_scale(d0: float, n_groups: int) -> tuple[float, float]:
+    """(shift, scale): the optimiser minimises (deviance - shift) / scale.
+
+    The deviance is a constant of order N (the N log(r^2 / N) part) plus a part that moves with
+    theta, whose size and curvature grow with the number of groups, not with N. L-BFGS-B's
+    first step is the scaled gradient itself, so dividing by the deviance (as the fit once did)
+    made it ~J/N long: with frequency weights of 1e6 a row, that step changed the deviance by
+    less than ftol and the fit stopped at its start. The scale is the start value, as long as
+    that is at most 50 per group (typical data: a few rows a group), else 50 per group; the
+    shift keeps the difference's digits.
+    """
+    cap = 50.0 * max(float(n_groups), 1.0)
+    if not np.isfinite(d0):
+        return 0.0, cap
+    return float(d0), min(max(abs(d0), 1.0), cap)
+
+
+def relative_unit(d0: float, scale: float) -> float:
+    """|d0| in units of the scaled objective (at least 1): the factor that keeps ``tol`` a
+    tolerance on the deviance's change relative to the deviance, as documented."""
+    return max(abs(d0) / scale, 1.0) if np.isfinite(d0) else 1.0
+
+
+def gradient_floor(d0: float, n_groups: int, tol: float) -> float:
+    """The largest free gradient component (per group) that still counts as converged.
+
+    sqrt(tol), or what the deviance's rounding allows if that is more: a deviance of size |d0|
+    is known to eps |d0|, so a line search cannot resolve a per-group gradient much below
+    sqrt(eps |d0| / n_groups) (at N / J = 1e6 rows a group, about 1e-5).
+    """
+    eps = np.finfo(float).eps
+    noise = 64.0 * eps * abs(d0) / max(float(n_groups), 1.0) if np.isfinite(d0) else 0.0
+    return float(np.sqrt(tol + noise))
+
+
+def minimise(
+    ev: Evaluator, theta0: Array, tol: float, max_iter: int
 ) -> tuple[Array, dict[str, Any]]:
     """theta minimising the profiled (RE)ML deviance, and what the optimiser said.
 
-    ``info["state"]`` is the `PLSState` at the returned theta, possibly without its per-group
-    factors (see `evaluate`).
+    L-BFGS-B with the analytic gradient, on the deviance shifted and scaled by
+    `objective_scale`. ``info["state"]`` is the `PLSState` at the returned theta, possibly
+    without its per-group factors (see `evaluate`).
     """
-    scale = [1.0]
+    par = ev.par
     # Each evaluation is a pass over all groups: never repeat one (L-BFGS-B asks again for its
     # start, and we ask again for its answer).
     seen: dict[bytes, tuple[float, Array, PLSState | None]] = {}
@@ -160,8 +257,8 @@ def minimise_deviance(
         key = np.asarray(theta, dtype=float).tobytes()
         if key not in seen:
             try:
-                st = evaluate(cp, par.lam(theta), reml, factors=False)
-                seen[key] = (st.deviance, par.grad(gradient(cp, st)), st)
+                st = ev.state(theta)
+                seen[key] = (st.deviance, ev.gradient(st), st)
             except NumericalError:
                 seen[key] = (np.inf, np.zeros_like(theta), None)
             # keep the latest state only: a state may hold G x q x (p + q) floats of factors
@@ -169,54 +266,50 @@ def minimise_deviance(
                 seen[k] = (seen[k][0], seen[k][1], None)
         return seen[key]
 
+    d0 = state_at(theta0)[0]
+    shift, scale = objective_scale(d0, ev.n_groups)
+
     def fun(theta: Array) -> tuple[float, Array]:
         f, g, _ = state_at(theta)
-        return f / scale[0], g / scale[0]
+        return (f - shift) / scale, g / scale
 
-    # Deviances grow with N; scale so the optimiser's tolerances read as relative ones.
-    d0 = state_at(theta0)[0]
-    scale[0] = max(abs(d0), 1.0) if np.isfinite(d0) else 1.0
     opt = minimize(
         fun, theta0, jac=True, method="L-BFGS-B", bounds=par.bounds,
-        options={"maxiter": max_iter, "ftol": tol * 1e-3, "gtol": tol, "maxcor": 20},
+        options={"maxiter": max_iter, "ftol": tol * 1e-3 * relative_unit(d0, scale),
+                 "gtol": tol, "maxcor": 20},
     )
     theta = np.asarray(opt.x, dtype=float)
     _, g, st = state_at(theta)
     if st is None:
-        st = evaluate(cp, par.lam(theta), reml)
-    g = g / scale[0]
+        st = ev.state(theta)
+    g = g / scale
     free = ~((theta <= par.lower + 1e-12) & (g > 0))
     gnorm = float(np.max(np.abs(g[free]))) if free.any() else 0.0
-    converged = bool(opt.success or gnorm < np.sqrt(tol))
+    converged = bool(opt.success or gnorm < gradient_floor(d0, ev.n_groups, tol))
     info = {"n_evals": len(seen), "iterations": int(opt.nit), "converged": converged,
-            "message": str(opt.message), "gradient_norm": gnorm * scale[0], "state": st}
+            "message": str(opt.message), "gradient_norm": gnorm * scale, "state": st}
     return theta, info
 
 
-def _escape_boundary(
-    cp: CrossProducts, par: Parametrisation, theta: Array, info: dict[str, Any], reml: bool,
-    tol: float, max_iter: int,
+def escape_boundary(
+    ev: Evaluator, theta: Array, info: dict[str, Any], tol: float, max_iter: int
 ) -> tuple[Array, dict[str, Any]]:
     """Re-run from inside the region when the optimum found sits on a bound.
 
     A bounded quasi-Newton method can stop on the boundary of a variance component that a start
     inside the region would not reach (the deviance is even in a last diagonal element, so the
-    gradient there says nothing). Keep whichever deviance is lower.
+    gradient there says nothing). Keep whichever deviance is lower (those of the states both
+    runs end with).
     """
-    on_bound = (par.lower == 0.0) & (theta < SINGULAR_TOL)
+    on_bound = (ev.par.lower == 0.0) & (theta < SINGULAR_TOL)
     if not on_bound.any():
         return theta, info
     inside = theta.copy()
     inside[on_bound] = 0.5
-    theta2, info2 = minimise_deviance(cp, par, inside, reml, tol, max_iter)
+    theta2, info2 = minimise(ev, inside, tol, max_iter)
     info2["n_evals"] += info["n_evals"]
     info2["iterations"] += info["iterations"]
-    try:
-        better = (evaluate(cp, par.lam(theta2), reml).deviance
-                  < evaluate(cp, par.lam(theta), reml).deviance)
-    except NumericalError:
-        better = False
-    if better:
+    if info2["state"].deviance < info["state"].deviance:
         return theta2, info2
     info["n_evals"] = info2["n_evals"]
     return theta, info
