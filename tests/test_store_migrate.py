@@ -76,7 +76,8 @@ def test_a_migration_stopped_half_way_can_be_run_again(redis_url, namespace):
     client.hset(first.keys.meta, mapping={"layout": 2, "migrating": 1, "shards": 8})
     first._shards = 8
     for shard, part in list(split(old, 8).items())[:2]:
-        first.merge_shards({shard: ShardBatch(part, None, {("events", 0): OffsetRange(500, 500)})})
+        first.merge_shards({shard: ShardBatch(part, None, {("events", 0): OffsetRange(500, 500)},
+                                              starts=True)})
     with pytest.raises(StoreError, match="being migrated"):
         RedisStore(client, namespace).get("g1")
     assert migrate(RedisStore(client, namespace)).status == "migrated"

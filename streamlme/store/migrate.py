@@ -81,7 +81,7 @@ def migrate(store: RedisStore, chunk: int = 10_000) -> MigrationReport:
             continue
         parts = by_shard.get(shard, [])
         adds = _concat(parts) if parts else GroupStats.empty(int(meta.get("d", 0)))
-        target.merge_shards({shard: ShardBatch(adds, None, ranges)})
+        target.merge_shards({shard: ShardBatch(adds, None, ranges, starts=True)})
         if not len(adds):  # an empty shard still records that it is done
             client.hset(k.shard(shard).meta, "version", 1)
     _delete_legacy(store)
