@@ -55,7 +55,9 @@ from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from redis.exceptions import RedisError
+from redis.exceptions import AuthenticationError, AuthorizationError, RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from streamlme.config import Config
 from streamlme.estimate import ConvergenceWarning, SingularFitWarning, fit
@@ -82,6 +84,8 @@ STEADY = ("flagged", "pinned")
 
 class RedisUnavailableError(StoreError):
     """Redis does not answer where the configuration says (``refresh --once`` fails fast)."""
+
+    exit_code = 4  # the command line's "Redis or Kafka did not answer"
 
 
 @dataclass(frozen=True)
@@ -675,8 +679,8 @@ def _lead(store: Any, config: Config, once: bool, period: float, settings: Refre
             except (StoreError, RedisError, OSError) as exc:
                 last = RefreshOutcome("error", f"{type(exc).__name__}: {exc}")
                 _report(last)
-                if not once and isinstance(exc, (RedisError, OSError)):
-                    if _wait_for_redis(store.ping, config, stop) is None:
+                if not once and isinstance(exc, UNREACHABLE):
+                    if _wait_for_redis(lambda: _reach(config, store.ping), config, stop) is None:
                         break
                     continue  # Redis answers again: refresh now
             if once:
@@ -689,19 +693,35 @@ def _lead(store: Any, config: Config, once: bool, period: float, settings: Refre
     return 0
 
 
+#: Failures of a Redis that is not up (yet): waited for in the loop, `RedisUnavailableError`
+#: at once. A refused password is not among them (redis-py's AuthenticationError is a
+#: ConnectionError): it propagates as it is, as waiting cannot cure it.
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
 def _open(config: Config) -> Any:
     """The configured store; `RedisUnavailableError` if Redis does not answer."""
     from streamlme.store.connect import open_store
 
-    try:
+    def connect() -> Any:
         store = open_store(config)
         store.ping()
-    except (RedisError, OSError) as exc:
+        return store
+
+    return _reach(config, connect)
+
+
+def _reach(config: Config, fn: Callable[[], T]) -> T:
+    """``fn()``, with a Redis that does not answer raised as `RedisUnavailableError`."""
+    try:
+        return fn()
+    except (AuthenticationError, AuthorizationError):
+        raise
+    except UNREACHABLE as exc:
         url = config.redis.safe_url if config.redis is not None else "?"
         raise RedisUnavailableError(
             f"Redis at {url} does not answer ({type(exc).__name__}: {exc}); start it or fix "
             "[redis] url in the configuration") from exc
-    return store
 
 
 def _wait_for_redis(connect: Callable[[], T], config: Config, stop: threading.Event
@@ -713,7 +733,7 @@ def _wait_for_redis(connect: Callable[[], T], config: Config, stop: threading.Ev
     while True:
         try:
             value = connect()
-        except (RedisUnavailableError, RedisError, OSError) as exc:
+        except RedisUnavailableError as exc:
             now = time.monotonic()
             if said is None or now - said >= WAIT_LOG_EVERY:
                 cause = exc.__cause__ or exc
