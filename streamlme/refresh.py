@@ -825,11 +825,11 @@ def model_command(
 
     Default: the current model in lme4's layout (``--json``: one object, ``streamlme fit
     --json`` fields plus ``version``, ``created_at``, ``epoch``, ``gaps``, ``complete``,
-    ``excluded``, ``pinned`` (the pinned version or null), ``pinned_at`` and ``namespace``
-    (its health now)). ``--history``: one row per version (``--json``: one JSON object per line,
-    oldest first). ``--rollback V``: make V current and pin it, then print it. ``--unpin``:
-    remove the pin, then print the model. Status 1 when there is no model or V is not stored;
-    `RedisUnavailableError` when Redis does not answer.
+    ``excluded``, ``pinned`` (this version is pinned), ``pinned_version`` (null if none is),
+    ``pinned_at`` and ``namespace`` (its health now)). ``--history``: one row per version
+    (``--json``: one JSON object per line, oldest first). ``--rollback V``: make V current and
+    pin it, then print it. ``--unpin``: remove the pin, then print the model. Status 1 when
+    there is no model or V is not stored; `RedisUnavailableError` when Redis does not answer.
     """
     from streamlme.store.connect import close_store
 
@@ -856,15 +856,18 @@ def model_command(
                 [*notes, "no model yet: run `streamlme refresh --config FILE --once`"])
         pin, health = store.model_pin(), store.health()
         if as_json:
-            return 0, json.dumps({**record.to_dict(), **_pin_fields(pin),
+            return 0, json.dumps({**record.to_dict(), **_pin_fields(pin, record.version),
                                   "namespace": health.to_dict()}, allow_nan=False)
         return 0, "\n".join([*notes, format_model(record, pin, health)])
     finally:
         close_store(config, store)
 
 
-def _pin_fields(pin: tuple[int, float] | None) -> dict[str, Any]:
-    return {"pinned": None if pin is None else pin[0],
+def _pin_fields(pin: tuple[int, float] | None, version: int) -> dict[str, Any]:
+    """The pin as ``/v1/model`` shows it: ``pinned`` (this version is), ``pinned_version``
+    (null if none is pinned), and ``pinned_at``."""
+    return {"pinned": pin is not None and pin[0] == version,
+            "pinned_version": None if pin is None else pin[0],
             "pinned_at": None if pin is None else iso_time(pin[1])}
 
 

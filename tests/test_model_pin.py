@@ -138,7 +138,8 @@ def test_the_model_command_pins_shows_the_pin_and_unpins(tmp_path, redis_url, na
     assert done.exit_code == 0, done.output
     assert "pinned: version 1 since" in done.output and "streamlme model --unpin" in done.output
     doc = json.loads(model("--json").output)
-    assert doc["version"] == 1 and doc["pinned"] == 1 and doc["pinned_at"].endswith("Z")
+    assert doc["version"] == 1 and doc["pinned"] is True and doc["pinned_version"] == 1
+    assert doc["pinned_at"].endswith("Z")
     history = model("--history").output
     assert "*      1" in history and "pinned" in history.splitlines()[1]
     assert model("--refresh-ignored").exit_code == 2  # an unknown option is a usage error
@@ -149,7 +150,7 @@ def test_the_model_command_pins_shows_the_pin_and_unpins(tmp_path, redis_url, na
 
     done = model("--unpin")
     assert done.exit_code == 0 and done.output.startswith("version 1 unpinned")
-    assert json.loads(model("--json").output)["pinned"] is None
+    assert json.loads(model("--json").output)["pinned_version"] is None
     store.merge(events(10))
     assert runner.invoke(main, ["refresh", "--config", str(path), "--once"]).exit_code == 0
     assert store.current_model_version() == 3

@@ -180,7 +180,7 @@ def test_a_record_carries_the_epoch_and_the_gaps_and_model_says_so(store, config
     assert doc["gaps"][0]["events"] == 150 and doc["gaps"][0]["recorded_at"].endswith("Z")
     assert doc["namespace"]["epoch"] == store.epoch() and doc["namespace"]["flag"] is None
     assert isinstance(doc["created_at"], float) and doc["created_at_iso"].endswith("Z")
-    assert doc["pinned"] is None
+    assert doc["pinned"] is False and doc["pinned_version"] is None
     status, text = model_command(config)
     assert "does not cover offsets 100-249 of events[2] (150 offsets" in text
     history = model_command(config, history=True, as_json=True)[1]
