@@ -65,7 +65,7 @@ CLI = [sys.executable, "-m", "streamlme.cli"]
 #: One thread for BLAS/OpenMP in every child: default threading makes small factorisations
 #: 10-50x slower on these 2-core machines (design notes, section 6).
 CHILD_ENV = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-             "PYTHONUNBUFFERED": "1"}
+             "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}  # kill -ABRT: stacks to the log
 
 
 def log(message: str) -> None:
@@ -256,10 +256,14 @@ group_id = "soak"
 batch_max_events = 2000
 batch_max_seconds = "200ms"
 
-# tansu-only speed-up: a consumer killed with -9 holds its partitions for one session timeout
+# tansu-only speed-ups. A consumer killed with -9 holds its partitions for one session timeout.
+# A member that dies during a rebalance (both consumers exiting 3 at once) holds up the group
+# for one rebalance timeout, which is max_poll_interval_ms (5 min by default): tansu does not
+# end it at the session timeout as Apache Kafka does.
 [kafka.client]
 session_timeout_ms = 2000
 heartbeat_interval_ms = 500
+max_poll_interval_ms = 10000
 
 [redis]
 url = "{redis_url}"
@@ -640,20 +644,41 @@ class Soak:
                     f"{self.args.exit3_timeout:g} s of Redis coming back empty ({shown})")
             for consumer in self.consumers:
                 consumer.kill()
-            rebuild = Service(f"rebuild-{self.faults['redis_empty']}",
-                              ["consume", "--config", str(self.config), "--rebuild"], self.logs)
-            rebuild.start()
-            done = wait_until(lambda: rebuild.exit_status() is not None,
-                              self.args.rebuild_timeout, 0.2)
-            rc = rebuild.exit_status()
-            if not done or rc != 0:
-                rebuild.kill()
-                what = (f"did not finish in {self.args.rebuild_timeout:g} s" if not done
-                        else f"exited with status {rc}")
-                self.fault_failures.append(
-                    f"redis_empty: `streamlme consume --rebuild` {what} (see {rebuild.log})")
+            self._rebuild()
             for consumer in self.consumers:
                 consumer.start()
+
+    def _rebuild(self) -> None:
+        """``consume --rebuild``: it replays the topic into fresh statistics, clears the
+        namespace's flag once it reached the end offsets seen at its start, then goes on as a
+        consumer; the soak stops it (SIGTERM) once it caught up with what was accepted."""
+        with self.counters.lock:
+            ends = dict(self.counters.ends)
+        rebuild = Service(f"rebuild-{self.faults['redis_empty']}",
+                          ["consume", "--config", str(self.config), "--rebuild"], self.logs)
+        rebuild.start()
+
+        def caught_up() -> bool:
+            offsets = self.store.offsets(TOPIC)
+            return (self.store.health().flag is None
+                    and all(offsets.get(p, 0) >= end for p, end in ends.items()))
+
+        done = wait_until(lambda: rebuild.exit_status() is not None or caught_up(),
+                          self.args.rebuild_timeout, 0.2)
+        early = rebuild.exit_status()  # one that stops by itself once caught up is fine too
+        done = done and wait_until(caught_up, 2.0)
+        rebuild.stop()
+        rc = rebuild.exit_status()
+        if early not in (None, 0):
+            problem = f"exited with status {early}"
+        elif not done:
+            problem = f"did not catch up in {self.args.rebuild_timeout:g} s"
+        elif rc != 0:
+            problem = f"exited with status {rc} on SIGTERM after it caught up"
+        else:
+            return
+        self.fault_failures.append(
+            f"redis_empty: `streamlme consume --rebuild` {problem} (see {rebuild.log})")
 
     def schedule(self) -> None:
         """Inject faults until ``--seconds`` have passed and at least ``--min-faults`` ran."""
