@@ -39,6 +39,7 @@ import math
 import os
 import struct
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,12 +58,14 @@ from streamlme.stats import FORMAT_VERSION, HEADER, MAGIC, GroupStats, StatsErro
 from streamlme.store.base import StateStore
 from streamlme.store.connect import open_store, redis_client
 from streamlme.store.errors import StoreError
-from streamlme.store.health import ModelKey
+from streamlme.store.health import Health, ModelKey, iso_time
 from streamlme.store.keys import encode_group
 from streamlme.store.redis import RedisStore
 
 #: Most groups one `Client.effects` call (and one HTTP request) may ask for.
 MAX_GROUPS = 10_000
+#: Seconds a query trusts the namespace's last read health (flag) before reading it again.
+HEALTH_TTL = 1.0
 _URL_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 
 
@@ -74,6 +77,18 @@ class ModelNotReady(LookupError):  # noqa: N818 - the name users catch
             "no model has been estimated yet; run `streamlme refresh --config FILE --once` "
             "after some events have arrived"
         )
+
+
+class NamespaceNotReady(LookupError):  # noqa: N818 - the name users catch
+    """The namespace is flagged (rebuilding, or state lost): its statistics are not served."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        since = iso_time(health.since)
+        super().__init__(
+            f"the namespace is flagged {health.flag!r}" + (f" since {since}" if since else "")
+            + (f": {health.reason}" if health.reason else "")
+            + "; effects are not served from its statistics until that clears")
 
 
 class BadStatisticsError(StatsError):
@@ -360,13 +375,27 @@ class _Source:
 
     def __init__(self, store: StateStore) -> None:
         self.store = store
+        self._health_at = -math.inf
+        self._flagged: Health | None = None
 
     def one(self, group: str) -> tuple[bytes | None, ModelKey | None]:
         values, key = self.many([group])
         return values[0], key
 
     def many(self, groups: Sequence[str]) -> tuple[list[bytes | None], ModelKey | None]:
+        self.check_health()
         return self.store.values_and_model_key(groups)
+
+    def check_health(self) -> None:
+        """NamespaceNotReady while the namespace is flagged; its health is read again at most
+        every `HEALTH_TTL` seconds (a round trip per second, not per query)."""
+        now = time.monotonic()
+        if now - self._health_at >= HEALTH_TTL:
+            health = self.store.health()
+            self._flagged = None if health.ready else health
+            self._health_at = now
+        if self._flagged is not None:
+            raise NamespaceNotReady(self._flagged)
 
     def cells(self, position: int, level: str) -> list[str]:
         encode_group(level)  # the same id checks for every store
@@ -583,6 +612,11 @@ class Client:
     def ping(self) -> bool:
         """True when the store answers (raises the store's connection error otherwise)."""
         return self._source.ping()
+
+    def check_ready(self) -> None:
+        """Raise `NamespaceNotReady` while the namespace is flagged (what every effect query
+        checks, from a health read at most `HEALTH_TTL` seconds old)."""
+        self._source.check_health()
 
     def model_key(self) -> ModelKey | None:
         """The current model's (epoch, version); None before any model."""

@@ -139,9 +139,11 @@ def test_one_round_trip_per_query(store, redis_url, namespace):
     counting.commands.clear()
     client.effect("g2")
     client.effects([f"g{i}" for i in range(30)] + ["nope", "g2"])
-    # one pipelined round trip each: the cells' HMGETs and the current version's GET
+    # one pipelined round trip each: the cells' HMGETs and the model key (epoch, version);
+    # the namespace's health was read by the first query and is trusted for HEALTH_TTL
     assert len(counting.commands) == 2
-    assert all(c.startswith("PIPELINE:HMGET") and c.endswith(",GET") for c in counting.commands)
+    assert all(c.startswith("PIPELINE:HMGET") and c.endswith(",HGET,GET")
+               for c in counting.commands)
 
 
 def test_effects_keep_order_duplicates_and_odd_ids(redis_url, namespace):

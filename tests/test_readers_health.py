@@ -25,7 +25,7 @@ from query_helpers import SPEC, make_rows, seed_store, write_config
 
 from streamlme import GroupStats
 from streamlme.api import create_app
-from streamlme.client import BadStatisticsError, Client
+from streamlme.client import HEALTH_TTL, BadStatisticsError, Client, NamespaceNotReady
 from streamlme.config import load_config
 from streamlme.plots import store_figure
 from streamlme.store import RedisStore
@@ -76,10 +76,22 @@ def test_a_flagged_namespace_is_not_ready_and_says_why(store, redis_url, namespa
     assert status["ready"] is False
     assert status["namespace"]["flag"] == flag and status["namespace"]["reason"] == reason
     assert status["namespace"]["since"] == body["since"]
+    # its statistics are not served meanwhile: not one group, not many, not a plot
+    time.sleep(HEALTH_TTL)
+    for r in (http.get(effect_url("g1")), http.post("/v1/groups/effects", json={"groups": ["g1"]}),
+              http.post("/v1/predict", json={"group": "g1", "row": {"x": 0.1, "z": 0.2}}),
+              http.get("/v1/plots/shrinkage.png")):
+        assert r.status_code == 503 and r.json()["error"] == "namespace_not_ready", r.text
+        assert reason in r.json()["message"]
+    with pytest.raises(NamespaceNotReady, match=flag):
+        Client(redis_url, namespace).effect("g1")
+    assert http.get("/v1/model").status_code == 200  # the last good model is still shown
 
     store.clear_flag()
     assert http.get("/readyz").status_code == 200
     assert http.get("/v1/status").json()["ready"] is True
+    time.sleep(HEALTH_TTL)
+    assert http.get(effect_url("g1")).status_code == 200
 
 
 def test_recorded_gaps_are_shown_with_the_model_and_the_status(store, redis_url, namespace,

@@ -66,7 +66,7 @@ from starlette.convertors import Convertor, register_url_convertor
 from streamlme import __version__
 from streamlme.api import dashboard, errors, schemas
 from streamlme.api.guard import TOKEN_ENV, UNAUTHORIZED, RequestGuard
-from streamlme.client import BadStatisticsError, Client, ModelNotReady
+from streamlme.client import BadStatisticsError, Client, ModelNotReady, NamespaceNotReady
 from streamlme.config import ApiConfig, Config
 from streamlme.metrics import CONTENT_TYPE, MODEL_AGE, MODEL_VERSION, QUERY_LATENCY, metrics_text
 from streamlme.spec import ModelSpec
@@ -89,7 +89,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": schemas.Error, "description": "Body over the server's max_request_bytes."},
     422: {"model": schemas.Error, "description": "Invalid request, or a group whose "
                                                  "statistics are not finite (bad_statistics)."},
-    503: {"model": schemas.Error, "description": "No model yet, or the store cannot answer."},
+    503: {"model": schemas.Error, "description": "No model yet, the store cannot answer, or "
+                                                 "the namespace is flagged."},
 }
 _NOT_FOUND: dict[int | str, dict[str, Any]] = {
     404: {"model": schemas.Error, "description": "No such model version."}}
@@ -187,12 +188,6 @@ def _pinned(client: Client) -> int | None:
     """The model version ``streamlme model --rollback`` pinned, if the store knows pins."""
     pinned = getattr(client.store, "pinned_model", None)
     return pinned() if callable(pinned) else None
-
-
-def _flag_reason(health: Any) -> str:
-    since = iso_time(health.since)
-    return (f"namespace is flagged {health.flag!r}" + (f" since {since}" if since else "")
-            + (f": {health.reason}" if health.reason else ""))
 
 
 def build_app(client: Client, token: str | None = None, spec: ModelSpec | None = None,
@@ -340,7 +335,7 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
             return _json({"status": "not_ready",
                           "reason": f"waiting for {ready.where}: unreachable ({exc})"}, 503)
         if not health.ready:
-            return _json({"status": "not_ready", "reason": _flag_reason(health),
+            return _json({"status": "not_ready", "reason": str(NamespaceNotReady(health)),
                           "flag": health.flag, "since": iso_time(health.since)}, 503)
         if version is None:
             return _json({"status": "not_ready",

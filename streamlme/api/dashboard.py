@@ -158,7 +158,8 @@ def router(client: Client, auth: Depends) -> APIRouter:
     routes = APIRouter()
     guarded = APIRouter(dependencies=[auth], responses={
         401: {"model": Error, "description": "Missing or wrong bearer token."},
-        503: {"model": Error, "description": "The store cannot answer."}})
+        503: {"model": Error, "description": "The store cannot answer, or the namespace is "
+                                             "flagged (namespace_not_ready)."}})
 
     @routes.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -206,6 +207,7 @@ def router(client: Client, auth: Depends) -> APIRouter:
     async def plot(kind: PlotKind) -> Response:
         from streamlme.plots import PlotError
 
+        client.check_ready()  # a flagged namespace's statistics are not drawn either
         key = client.model_key()  # by epoch too: a reset store repeats versions
         version = key.version if key is not None else None
         data = cache.fresh(kind, key)

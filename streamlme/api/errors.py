@@ -17,6 +17,7 @@ no random-effect term on the factor      404     unknown_term (``detail`` lists 
 group route on a several-term model      422     term_required
 unknown route                            404     not_found
 no model yet                             503     model_not_ready
+namespace flagged (rebuilding, lost)     503     namespace_not_ready
 Redis down, unreadable record            503     store_unavailable
 anything else (a bug)                    500     internal_error, logged with its traceback
 =======================================  ======  ===================
@@ -40,6 +41,7 @@ from streamlme.client import (
     BadStatisticsError,
     ModelNotReady,
     ModelVersionNotFoundError,
+    NamespaceNotReady,
     TermRequired,
     UnknownTermError,
     closest,
@@ -116,6 +118,10 @@ def install(app: FastAPI) -> None:
         return error_response(500, "internal_error",
                               f"the server failed on this request ({type(exc).__name__}); "
                               "it is logged; please report it")
+
+    @app.exception_handler(NamespaceNotReady)
+    def _flagged(request: Request, exc: NamespaceNotReady) -> JSONResponse:
+        return error_response(503, "namespace_not_ready", str(exc), headers={"Retry-After": "5"})
 
     @app.exception_handler(ModelNotReady)
     def _not_ready(request: Request, exc: ModelNotReady) -> JSONResponse:
