@@ -461,10 +461,33 @@ def test_many_declared_levels_are_shortened_in_the_reason():
         ({"y": "1e400"}, "not_finite: y"),
         ({"weight": -1}, "bad_weight: must be a finite number > 0, got -1.0"),
         ({"op": "delete"}, "unknown_op: 'delete'"),
+        ({"x": 1e200}, "overflow: x is 1e+200, beyond ±1e+100"),
+        ({"y": -1e150}, "overflow: y is -1e+150"),
+        ({"weight": 1e308}, "overflow: weight is 1e+308"),
+        ({"ts": "9999-12-31T23:59:59Z"}, "bad_ts: 9999-12-31T23:59:59+00:00 is "),
+        ({"sex": ..., "Sex": "F"}, "missing_column: sex (did you mean 'Sex'?)"),
+        ({"d": ..., "dd": 3}, "missing_column: d (did you mean 'dd'?)"),
     ],
 )
 def test_each_malformed_kind_of_a_cell_event(overrides, reason):
     assert only_reason(EventDecoder(CELLS), cell_row(**overrides)).startswith(reason)
+
+
+def test_a_deep_cell_event_is_rejected_not_raised():
+    value = cell_row()[:-1] + b', "extra": ' + DEEP + b"}"
+    assert only_reason(EventDecoder(CELLS), value).startswith("invalid_json: nested too deeply")
+
+
+def test_a_product_of_columns_that_overflows_is_rejected():
+    spec = ModelSpec.from_formula('y ~ 1 + x:z + C(k, levels=["a", "b"]) + (1 | g)')
+    batch = EventDecoder(spec).decode([
+        b'{"g": "a", "k": "a", "x": 1e60, "z": 1e60, "y": 1}',
+        b'{"g": "a", "k": "a", "x": 1e200, "z": 1e200, "y": 1}',
+        b'{"g": "a", "k": "b", "x": 2e49, "z": 5e49, "y": 1}',
+    ])
+    assert [(r.index, r.reason.split(",")[0]) for r in batch.rejections] == [
+        (0, "overflow: x:z is 1e+120"), (1, "overflow: x:z is inf")]
+    np.testing.assert_allclose(batch.W, [[1.0, 1e99, 1.0]], rtol=1e-15)
 
 
 def test_one_grouping_column_with_a_categorical_keys_cells_by_the_level():
