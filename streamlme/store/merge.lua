@@ -312,14 +312,13 @@ end
 
 -- 5. refuse (nothing written) a result that is not finite; then write everything
 local out = {}
-for _, key in ipairs(order) do
+for j, key in ipairs(order) do
   local s = written[key]
-  if not finite(s[1]) then return {3, key} end
-  for k = 3, nvals do
-    if not finite(s[k]) then return {3, key} end
-  end
-  out[#out + 1] = key
-  out[#out + 1] = pack(s)
+  local z = s[1] * 0  -- 0 while every value is finite: x * 0 is NaN for NaN and +-inf
+  for k = 3, nvals do z = z + s[k] * 0 end
+  if z ~= 0 then return {3, key} end
+  out[2 * j - 1] = key
+  out[2 * j] = pack(s)
 end
 hset(KEYS[2], out)
 zadd(KEYS[4], ix)
