@@ -177,3 +177,31 @@ def test_the_exit_codes_are_documented() -> None:
     for code, meaning in EXIT_CODES.items():
         assert f"{code}  {meaning}" in text
         assert f"| {code} |" in readme, f"exit code {code} is not in the README's table"
+
+
+def test_json_times_are_iso_8601() -> None:
+    from datetime import datetime, timedelta, timezone
+
+    import numpy as np
+
+    from streamlme.cli import emit_json
+
+    @click.command()
+    def show() -> None:
+        paris = timezone(timedelta(hours=1))
+        emit_json({"at": datetime(2026, 1, 2, 4, 5, 6, tzinfo=paris), "n": np.int64(3),
+                   "naive": datetime(2026, 1, 2, 3, 4, 5)})
+
+    out = CliRunner().invoke(show, []).output
+    assert out.strip() == ('{"at": "2026-01-02T03:05:06Z", "n": 3, '
+                           '"naive": "2026-01-02T03:04:05"}')
+
+
+def test_dev_up_reports_its_start_in_iso_and_epoch() -> None:
+    from streamlme.dev import DevServices, Service
+
+    services = DevServices(Service("redis", 1, 2, "redis://127.0.0.1:2/0", "redis-server"),
+                           Service("kafka", 3, 4, "127.0.0.1:4", "tansu"), 60.0, "/tmp/x")
+    doc = services.to_dict()
+    assert (doc["started_at"], doc["started_at_iso"]) == (60.0, "1970-01-01T00:01:00Z")
+    assert "export STREAMLME_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:4" in services.exports()

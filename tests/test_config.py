@@ -508,3 +508,11 @@ def test_the_starter_file_loads(tmp_path, kafka, redis):
         assert config.kafka.consumer_kwargs()["session_timeout_ms"] == 6000
     else:
         assert config.store.snapshot == str(tmp_path / "state.npz")
+
+
+def test_a_formula_column_is_the_data_s_business_not_the_config_s(tmp_path):
+    """The configuration cannot know the data's columns: a misspelt one loads (the consumer
+    and publish --config name it, with a hint, when they see the events)."""
+    config = load_config(write(tmp_path, '[model]\nformula = "los ~ agee + (1 | hospital)"\n'),
+                         env={})
+    assert config.spec.columns == ("agee", "los")
