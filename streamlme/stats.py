@@ -203,11 +203,11 @@ class GroupStats:
             v = v * decay_factor(t[codes] - ts, half_life)
         n = np.bincount(codes, weights=v, minlength=G)
         safe = np.where(n > 0, n, 1.0)
-        # Sum offsets from each group's first row, not raw values: a raw sum of values near
-        # 1e14 rounds to units of 0.5 and the mean loses the digits the rows had.
+        # Sum offsets from one of each group's rows, not raw values: a raw sum of values near
+        # 1e14 rounds to units of 0.5 and the mean loses the digits the rows had. (With
+        # repeated indices the assignment keeps one of them: any row of the group will do.)
         ref = np.zeros((G, d))
-        seen, first = np.unique(codes, return_index=True)
-        ref[seen] = W[first]
+        ref[codes] = W
         shifted = W - ref[codes]
         mean = np.empty((G, d))
         for k in range(d):

@@ -28,9 +28,8 @@ import statsmodels.formula.api as smf
 
 import streamlme
 from streamlme import GroupStats, ModelSpec
-from streamlme.estimate import DataError, fit
+from streamlme.estimate import DataError, IdentifiabilityWarning, fit
 from streamlme.estimate.blocks import fit_split
-from streamlme.estimate.fit import IdentifiabilityWarning
 from streamlme.events import EventDecoder
 from streamlme.spec import SpecError
 

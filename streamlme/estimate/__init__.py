@@ -2,7 +2,12 @@
 
 from streamlme.estimate.crossprod import DataError
 from streamlme.estimate.em import fit_em
-from streamlme.estimate.fit import ConvergenceWarning, SingularFitWarning, fit
+from streamlme.estimate.fit import (
+    ConvergenceWarning,
+    IdentifiabilityWarning,
+    SingularFitWarning,
+    fit,
+)
 from streamlme.estimate.pls import NumericalError
 from streamlme.estimate.result import FitResult, OptSummary
 
@@ -10,6 +15,7 @@ __all__ = [
     "ConvergenceWarning",
     "DataError",
     "FitResult",
+    "IdentifiabilityWarning",
     "NumericalError",
     "OptSummary",
     "SingularFitWarning",
