@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from streamlme.config import Config, ConfigError
 from streamlme.events import EventDecoder, RejectionLog
 from streamlme.store.base import StateStore
 from streamlme.store.connect import close_store, open_store
-from streamlme.stream.consumer import ConsumeReport, Ingestor
+from streamlme.stream.consumer import Backoff, ConsumeReport, Ingestor, transient_errors
 from streamlme.stream.dlq import (
     DeadLetters,
     FileDeadLetters,
@@ -93,13 +94,30 @@ def run_consume(
     if dead_letters is not None and source is None:
         raise ConfigError([f"{config.source}: consume from Kafka sends refused events to "
                            "kafka.dead_letter_topic; --dead-letters is for --input FILE"])
-    store = open_store(config)
+    # a long-running consumer (a service) waits for Redis and Kafka to come up; a bounded run
+    # fails at once, with the CLI's one-line message
+    waits = max_events is None and until_idle is None
+    store = _wait_for_store(config) if waits else open_store(config)
     try:
         ingestor = make_ingestor(config, store, source, dead_letters, rebuild)
+        ingestor.wait_for_source = waits and source is None
         ingestor.install_signal_handlers()
         return ingestor.run(max_events=max_events, until_idle=until_idle)
     finally:
         close_store(config, store)
+
+
+def _wait_for_store(config: Config) -> StateStore:
+    """`open_store`, retried with capped backoff while Redis does not answer (logged)."""
+    where = config.redis.safe_url if config.redis is not None else "the embedded store"
+    for delay in Backoff(first=0.5, cap=10.0).delays():
+        try:
+            return open_store(config)
+        except transient_errors() as exc:
+            log.warning("waiting for Redis at %s (%s: %s); retrying in %.1fs", where,
+                        type(exc).__name__, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def run_publish(config: Config, path: str | os.PathLike[str], progress: bool = True) -> int:

@@ -206,7 +206,8 @@ class Ingestor:
         self._epoch: str | None = None
         self._origins: dict[TP, int] = {}
         self._gaps: list[Gap] = []
-        self._excluded: set[int] = set()  # decoded rows dead-lettered as overflow
+        #: Retry opening the source while the broker does not answer (a long-running service).
+        self.wait_for_source = False
 
     # -- control ----------------------------------------------------------------------------
 
@@ -260,10 +261,14 @@ class Ingestor:
         """Consume until stopped, ``max_events`` read, ``until_idle`` s idle, or input ends."""
         start = time.monotonic()
         store_retries = getattr(self.store, "retries", 0)  # retries inside the store
-        self.source.open(self._on_assigned, self._on_revoked)
         last_record = start
         batch_started = None
         try:
+            if self.wait_for_source:
+                self._retry("waiting for Kafka", lambda: self.source.open(self._on_assigned,
+                                                                          self._on_revoked))
+            else:
+                self.source.open(self._on_assigned, self._on_revoked)
             self._prepare()
             while not self._stop.is_set():
                 room = self.batch_max_events - self._n_pending
