@@ -651,18 +651,13 @@ def serve(config_path: str, host: str | None, port: int | None) -> None:
     import msgspec
 
     from streamlme.api.app import serve as run_server
-    from streamlme.store.errors import StoreError
 
     cfg = _load(config_path)
     cfg.api = msgspec.structs.replace(cfg.api, **{k: v for k, v in (("host", host),
                                                                     ("port", port))
                                              if v is not None})
     _logging()
-    try:
-        run_server(cfg)
-    except StoreError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(1)
+    run_server(cfg)  # a refused namespace: a StoreError, one line and exit 1 as consume
 
 
 @main.command()
