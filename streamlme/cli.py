@@ -184,6 +184,9 @@ class StreamlmeGroup(click.Group):
             raise
         except KeyboardInterrupt:
             raise click.Abort() from None
+        except BrokenPipeError:  # `streamlme ... | head`: the reader left; nothing to say
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - the closing flush must not fail
+            ctx.exit(141)
         except Exception as exc:
             if _debugging(ctx):
                 traceback.print_exc()
@@ -396,10 +399,11 @@ def _connect_report(cfg: Any) -> int:
 
     code = EXIT_OK
     for probe in (probe_redis, probe_kafka):
-        answered, line = probe(cfg)
-        click.echo(line, err=not answered)
-        if not answered:
-            code = max(code, EXIT_AUTH if "refused the credentials" in line else EXIT_UNREACHABLE)
+        failure, line = probe(cfg)
+        click.echo(line, err=failure is not None)
+        if failure is not None:
+            refused = explain_failure(failure, cfg)[1] == EXIT_AUTH
+            code = max(code, EXIT_AUTH if refused else EXIT_UNREACHABLE)
     return code
 
 

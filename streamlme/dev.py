@@ -276,15 +276,15 @@ def _short_bootstrap(defaults: dict[str, Any], ms: int) -> dict[str, int]:
 # --- config check --connect --------------------------------------------------------------------
 
 
-def probe_redis(config: Any) -> tuple[bool, str]:
-    """(answered, one line): PING the configured Redis, as every command would reach it."""
+def probe_redis(config: Any) -> tuple[BaseException | None, str]:
+    """(the failure or None, one line): PING the configured Redis as every command reaches it."""
     from redis.exceptions import AuthenticationError, RedisError
 
     from streamlme.store.connect import redis_client
 
     r = config.redis
     if r is None:
-        return True, "redis: none configured (in-process store)"
+        return None, "redis: none configured (in-process store)"
     where = r.safe_url
     try:
         client = redis_client(r.url, cluster=r.cluster, nodes=r.startup_nodes if r.cluster else (),
@@ -295,21 +295,21 @@ def probe_redis(config: Any) -> tuple[bool, str]:
         finally:
             client.close()
     except AuthenticationError as exc:
-        return False, f"redis: {where} refused the credentials ({exc}); check the password in url"
+        return exc, f"redis: {where} refused the credentials ({exc}); check the password in url"
     except (RedisError, OSError) as exc:
-        return False, f"redis: {where} did not answer ({exc})"
+        return exc, f"redis: {where} did not answer ({exc})"
     version = info.get("redis_version", "?") if isinstance(info, dict) else "?"
-    return True, f"redis: {where} answered (Redis {version}), namespace {r.namespace!r}"
+    return None, f"redis: {where} answered (Redis {version}), namespace {r.namespace!r}"
 
 
-def probe_kafka(config: Any) -> tuple[bool, str]:
-    """(answered, one line): ask the configured brokers for their topics."""
+def probe_kafka(config: Any) -> tuple[BaseException | None, str]:
+    """(the failure or None, one line): ask the configured brokers for their topics."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaError
 
     k = config.kafka
     if k is None:
-        return True, "kafka: none configured (consume reads JSON lines)"
+        return None, "kafka: none configured (consume reads JSON lines)"
     where = ",".join(k.bootstrap_servers)
     try:
         admin = KafkaAdminClient(**k.admin_kwargs())
@@ -318,11 +318,11 @@ def probe_kafka(config: Any) -> tuple[bool, str]:
         finally:
             admin.close()
     except (KafkaError, OSError) as exc:
-        return False, (f"kafka: {where} did not answer within {k.connect_timeout:g} s "
-                       f"({type(exc).__name__}: {exc})")
+        return exc, (f"kafka: {where} did not answer within {k.connect_timeout:g} s "
+                     f"({type(exc).__name__}: {exc})")
     state = "exists" if k.topic in topics else "does not exist yet (publish creates it if the " \
         "broker allows auto-creation)"
-    return True, f"kafka: {where} answered; topic {k.topic!r} {state}"
+    return None, f"kafka: {where} answered; topic {k.topic!r} {state}"
 
 
 # --- sample events -----------------------------------------------------------------------------

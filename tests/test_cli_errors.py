@@ -87,6 +87,10 @@ def test_redis_refusing_the_password_is_exit_5(tmp_path: Path, redis_server_fact
     assert result.returncode == 5, result.stderr
     line = one_line(result)
     assert "refused the credentials" in line and "wrong" not in line
+    check = run("config", "check", str(cfg), "--connect")
+    assert check.returncode == 5, check.stderr
+    assert f"redis: redis://:***@127.0.0.1:{server.port}/0 refused the credentials" in check.stderr
+    assert "kafka: none configured" in check.stdout
 
 
 def test_kafka_down_answers_within_the_timeout(tmp_path: Path) -> None:
