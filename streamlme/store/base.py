@@ -8,11 +8,15 @@ the same guarantees, per shard:
 
 - `merge` applies a micro-batch of per-group deltas **and** records the next offset of every
   Kafka partition in the batch, atomically. A batch is accepted only if, for every partition it
-  carries, it starts exactly where the recorded offset ends (or the partition has no record yet);
-  otherwise nothing changes and `merge` returns a refusal. That one check makes replays no-ops and
+  carries, it starts exactly where the recorded offset ends; a shard may lack a record of the
+  partition only in a call that records partitions' starts (`ShardBatch.starts`; `merge` always
+  does), else it lost state. Otherwise nothing changes and `merge` returns a refusal. That one check makes replays no-ops and
   stops a consumer whose partitions were taken away (a zombie) from applying anything twice.
-- Retractions that would take more mass out of a group than it holds are refused per group and
-  reported, so the caller can dead-letter the events that asked for them.
+- Retractions that would take more mass out of a group than it holds, or leave a co-moment
+  diagonal negative, are refused per group (or per `Step`, checked in order) and reported, so
+  the caller can dead-letter the events that asked for them; a refused step's dead-letter
+  record is kept in the store by the same call (`dead_letters`).
+- A merge whose result would hold a non-finite value is refused whole, naming the cell.
 - A key that is a JSON array of two or more strings is the key of a *cell* of a model with
   several grouping columns (`streamlme.spec.ModelSpec.cell_key`): element i is the cell's level
   of grouping column i. When such a cell first arrives, the merge that brings it also indexes it
