@@ -10,8 +10,9 @@ the same guarantees, per shard:
   Kafka partition in the batch, atomically. A batch is accepted only if, for every partition it
   carries, it starts exactly where the recorded offset ends; a shard may lack a record of the
   partition only in a call that records partitions' starts (`ShardBatch.starts`; `merge` always
-  does), else it lost state. Otherwise nothing changes and `merge` returns a refusal. That one check makes replays no-ops and
-  stops a consumer whose partitions were taken away (a zombie) from applying anything twice.
+  does), else it lost state. Otherwise nothing changes and `merge` returns a refusal. That one
+  check makes replays no-ops and stops a consumer whose partitions were taken away (a zombie)
+  from applying anything twice.
 - Retractions that would take more mass out of a group than it holds, or leave a co-moment
   diagonal negative, are refused per group (or per `Step`, checked in order) and reported, so
   the caller can dead-letter the events that asked for them; a refused step's dead-letter
