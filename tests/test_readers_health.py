@@ -317,3 +317,32 @@ def test_an_idle_consumers_heartbeats_keep_it_live_with_its_lag(store, redis_url
     assert abs(datetime.fromisoformat(c["updated_at_iso"].replace("Z", "+00:00")).timestamp()
                - c["updated_at"]) < 1
     assert status["events_total"] == 120  # heartbeats add nothing to the all-time totals
+
+
+def test_serve_that_waited_refuses_other_columns_once_redis_answers(tmp_path):
+    redis_server = RedisServer(tmp_path / "redis").start()
+    namespace = "other-columns"
+    other = RedisStore(redis_server.url, namespace, columns=("a", "b", "y"))
+    other.merge(GroupStats.from_rows(np.array(["g"] * 4, dtype=object),
+                                     np.arange(12.0).reshape(4, 3)))
+    other.client.save()  # the server comes back with this namespace from its dump
+    redis_server.stop()
+    port = free_port()
+    log = tmp_path / "serve.log"
+    proc = run_serve(write_config(tmp_path / "c.toml", redis_server.url, namespace, port=port),
+                     log)
+    try:
+        deadline = time.monotonic() + 60
+        while "waiting for Redis at" not in log.read_text():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        redis_server.start()
+        assert proc.wait(60) == 1, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        redis_server.stop()
+    lines = log.read_text().strip().splitlines()
+    assert "holds statistics of columns ['a', 'b', 'y'], not ['x', 'z', 'y']" in lines[-1]
+    assert "Traceback" not in log.read_text()
