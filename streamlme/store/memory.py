@@ -11,8 +11,9 @@ retractions, and retractions that would overdraw a group are refused per group.
 >>> batch = GroupStats.from_rows(["a", "b", "a"], np.array([[1.0, 2.0], [3.0, 1.0], [2.0, 4.0]]))
 >>> store.merge(batch, offsets={("events", 0): OffsetRange(0, 3)}).applied
 True
->>> store.merge(batch, offsets={("events", 0): OffsetRange(0, 3)})  # a replay changes nothing
-MergeResult(applied=False, conflicts={('events', 0): 3}, overdrawn=[])
+>>> replay = store.merge(batch, offsets={("events", 0): OffsetRange(0, 3)})  # changes nothing
+>>> replay.applied, replay.conflicts
+(False, {('events', 0): 3})
 >>> store.get("a").n.tolist(), store.offsets("events")
 ([2.0], {0: 3})
 
