@@ -18,6 +18,7 @@ Prose is free: only code spans, code blocks, tables and links are parsed.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,9 +216,11 @@ def _config_mentions(doc: Doc) -> Iterator[tuple[str, str, str | None]]:
             yield span, m[1] if m[2] != "client" else "kafka.client", None if m[3] else m[2]
     for m in re.finditer(r"\bSTREAMLME_([A-Z0-9_]*[A-Z0-9])\b", doc.text):
         section, _, key = m[1].lower().partition("_")
+        if section not in _FIELDS and not difflib.get_close_matches(section, _FIELDS, cutoff=0.75):
+            continue  # not a configuration variable, as the loader sees it (STREAMLME_DEBUG, ...)
         if not key:
-            if section in ("kafka", "redis", "debug"):
-                continue  # STREAMLME_KAFKA / _REDIS point the tests at servers; _DEBUG: tracebacks
+            if section in ("kafka", "redis"):
+                continue  # STREAMLME_KAFKA / STREAMLME_REDIS point the tests at servers
             yield m[0], section, None
         elif section == "kafka" and key.startswith("client_"):
             continue
