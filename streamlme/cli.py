@@ -71,7 +71,7 @@ def _redis_failure(exc: BaseException, cfg: Any) -> tuple[str, int] | None:
     except ImportError:  # pragma: no cover - redis is a dependency
         return None
     where = _redis_where(cfg)
-    text = str(exc) or type(exc).__name__
+    text = (str(exc) or type(exc).__name__).rstrip(".")
     fix = f"fix [redis] url in {cfg.source}" if cfg is not None else "fix [redis] url"
     auth = isinstance(exc, (rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError,
                             rx.AuthenticationWrongNumberOfArgsError))
@@ -98,7 +98,7 @@ def _kafka_failure(exc: BaseException, cfg: Any) -> tuple[str, int] | None:
     k = getattr(cfg, "kafka", None)
     where = f" at {','.join(k.bootstrap_servers)}" if k is not None else ""
     fix = f"fix [kafka] bootstrap_servers in {cfg.source}" if k is not None else "check [kafka]"
-    text = str(exc) or type(exc).__name__
+    text = (str(exc) or type(exc).__name__).rstrip(".")
     if isinstance(exc, _kafka_types(kx, "SaslAuthenticationFailedError", "AuthorizationError",
                                     "AuthenticationFailedError", "UnsupportedSaslMechanismError",
                                     "IllegalSaslStateError")):
