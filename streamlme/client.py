@@ -2,15 +2,17 @@
 
 `Client` reads a group's *current* running statistics and the current model version and returns
 the group's BLUP (design.md section 4), so an effect moves with every event between refreshes.
-Against Redis, `Client.effect` is one round trip: a single MGET fetches the group's record and
-the current model's key together (one pipelined round trip, per node on a Cluster). The decoded
+Against Redis, `Client.effect` is one round trip: the group's record (an HMGET of its shard) and
+the current model's key are read in one pipeline (one per node on a Cluster). The decoded
 model is cached by its `ModelKey`, the namespace's epoch and the version, and fetched again only
 when that key changes: a Redis that came back empty restarts the version counter at 1, but its
 namespace gets a new epoch, so the model of the lost state is never served again.
 
 A cell whose statistics are not finite (an overflowing event that reached the store) cannot give
 an effect: its query raises `BadStatisticsError`, and in `Client.effects` with
-``errors="report"`` only that group's item is a `GroupError`.
+``errors="report"`` only that group's item is a `GroupError`. While the namespace is flagged
+(rebuilding, or state lost; `streamlme.store.health`) queries raise `NamespaceNotReady`; the
+flag is read at most every `HEALTH_TTL` seconds.
 
 Every effect is computed by the one BLUP core, `streamlme.blup`: a one-term model through its
 `ScalarKernel` (the core's maps compiled to plain Python floats and positions in a stored record;
