@@ -180,9 +180,8 @@ class Readiness:
 
 
 def _pinned(client: Client) -> int | None:
-    """The model version ``streamlme model --rollback`` pinned, if the store knows pins."""
-    pinned = getattr(client.store, "pinned_model", None)
-    return pinned() if callable(pinned) else None
+    """The model version ``streamlme model --rollback`` pinned, None if none is."""
+    return client.store.pinned_model()
 
 
 def build_app(client: Client, token: str | None = None, spec: ModelSpec | None = None,

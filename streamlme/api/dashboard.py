@@ -180,7 +180,6 @@ def router(client: Client, auth: Depends) -> APIRouter:
         else:
             version, age, created = model.version, max(now - model.created_at, 0.0), \
                 model.created_at
-        pinned = getattr(client.store, "pinned_model", None)
         return _json_response({
             "events_total": ingest.events_total,
             "events_rejected_total": ingest.events_rejected_total,
@@ -190,7 +189,7 @@ def router(client: Client, auth: Depends) -> APIRouter:
             "model_version": version,
             "model_age_s": age,
             "model_created_at_iso": iso_time(created),
-            "pinned_version": pinned() if callable(pinned) else None,
+            "pinned_version": client.store.pinned_model(),
             "groups": client.store.n_groups(),
             "ready": health.ready,
             "namespace": health.to_dict(),
