@@ -548,12 +548,12 @@ def _glob_escape(text: str) -> str:
 
 
 def delete_cluster_namespace(cluster: RedisClusterHandle, namespace: str) -> int:
-    """UNLINK every key of ``namespace`` (hash tags ``{ns}`` and ``{ns:s<N>}``) on every master.
+    """UNLINK every key of ``namespace`` (hash tags ``{ns}``, ``{ns:s<N>}`` and those of
+    ``<ns>-...`` namespaces a test derived from it) on every master.
 
-    SCANs each master with ``MATCH {ns}*`` and ``MATCH {ns:s*``; the keys found are unlinked
-    through the cluster client, one slot at a time (a multi-key call must stay in one slot)."""
-    ns = _glob_escape(namespace)
-    patterns = ["{" + ns + "}*", "{" + ns + ":s*"]
+    SCANs each master with ``MATCH {ns*``; the keys found are unlinked through the cluster
+    client, one slot at a time (a multi-key call must stay in one slot)."""
+    patterns = ["{" + _glob_escape(namespace) + "*"]
     client = cluster.client()
     deleted = 0
     try:

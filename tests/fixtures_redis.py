@@ -156,6 +156,13 @@ def namespace_of(key: bytes) -> str:
     return text[1:text.index("}")].split(":", 1)[0]
 
 
+def _owner(name: str) -> str | None:
+    """The test whose namespace ``name`` is, or derives from (``<ns>-...``), if any."""
+    if name in NAMESPACES:
+        return NAMESPACES[name]
+    return next((test for ns, test in NAMESPACES.items() if name.startswith(ns + "-")), None)
+
+
 def keys_without_expiry(client: redis.Redis, pattern: str = "*") -> list[bytes]:
     """Keys matching ``pattern`` on one server (one node) that have no TTL."""
     keys = list(client.scan_iter(match=pattern, count=1000))
@@ -171,10 +178,10 @@ def keys_without_expiry(client: redis.Redis, pattern: str = "*") -> list[bytes]:
 def assert_no_keys_left(where: str, keys: list[bytes], private: bool) -> None:
     """Fail, naming the keys and the tests that made their namespaces, if a key of a test
     namespace has no expiry (``private``: every key counts; else only this session's)."""
-    left = sorted(k for k in keys if private or namespace_of(k) in NAMESPACES)
+    left = sorted(k for k in keys if private or _owner(namespace_of(k)))
     if not left:
         return
-    owners = sorted({NAMESPACES.get(namespace_of(k), "a namespace made without the fixture")
+    owners = sorted({_owner(namespace_of(k)) or "a namespace made without the fixture"
                      for k in left})
     shown = ", ".join(k.decode(errors="replace") for k in left[:LEAK_SHOWN])
     more = f" and {len(left) - LEAK_SHOWN} more" if len(left) > LEAK_SHOWN else ""

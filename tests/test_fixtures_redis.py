@@ -70,3 +70,19 @@ def test_the_session_check_names_a_key_left_without_expiry(redis_server_factory)
         assert ":lease" not in str(failed.value)
     finally:
         client.close()
+
+
+def test_cluster_cleanup_removes_every_tag_of_the_namespace(
+        redis_cluster, cluster_namespace: str, request: pytest.FixtureRequest) -> None:
+    """On a Redis Cluster too: the namespace's own tag, its shards' and a derived namespace's
+    (``<ns>-0``, as a test running two stores makes) all go."""
+    keys = [f"{{{cluster_namespace}}}:ingest", f"{{{cluster_namespace}:s3}}:stats",
+            f"{{{cluster_namespace}-0}}:lease:seq"]
+    client = redis_cluster.client()
+    try:
+        for key in keys:
+            client.set(key, "1")
+        cleanup_namespace(request, cluster_namespace)
+        assert [k for k in keys if client.exists(k)] == []
+    finally:
+        client.close()
