@@ -687,6 +687,8 @@ class Ingestor:
                 # refused: another consumer got there first; its record is the shard's truth
                 self._positions.set(tp, shard, result.conflicts.get(tp, rng.start))
                 self._origins.setdefault(tp, rng.start)
+        if self._epoch is None:  # the namespace was created just now: the epoch to keep
+            self._epoch = self._retry("reading the namespace's epoch", self.store.epoch)
 
     def _lost_shard(self, shard: int, result: MergeResult) -> StateLostError:
         where = ", ".join(f"{t}:{p}" for t, p in result.missing)
