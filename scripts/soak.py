@@ -406,7 +406,7 @@ class Soak:
                 raise SystemExit(f"soak: {option}: unknown kind(s) {', '.join(unknown)}; "
                                  f"known: {', '.join(known)}")
 
-    GRACE = 5.0
+    GRACE = 10.0
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -673,6 +673,9 @@ class Soak:
             problem = f"exited with status {early}"
         elif not done:
             problem = f"did not catch up in {self.args.rebuild_timeout:g} s"
+            if "assigned [" not in rebuild.log.read_text(errors="replace"):
+                problem += (" and never logged a partition assignment: its consumer-group join "
+                            "did not complete")
         elif rc != 0:
             problem = f"exited with status {rc} on SIGTERM after it caught up"
         else:
@@ -716,7 +719,7 @@ class Soak:
 
     def settle(self) -> dict[str, Any]:
         """Stop producing; wait for the consumers and a refresh of the final statistics."""
-        from streamlme.refresh import current_model, read_stats, stats_fingerprint
+        from streamlme.refresh import current_model
 
         self.stop_producing.set()
         self.producer_thread.join(60)
@@ -733,13 +736,12 @@ class Soak:
         if not out["caught_up"]:
             with contextlib.suppress(Exception):
                 out["offsets"] = {"stored": self.store.offsets(TOPIC), "acked": ends}
-        d = len(COLUMNS)
+        rows = len(self.truth.snapshot()[0])
 
-        def refreshed() -> bool:
+        def refreshed() -> bool:  # good rows are only added: only the final state has them all
             self.supervise()
             model = current_model(self.store)
-            return (model is not None and model.fit.get("stats_fingerprint")
-                    == stats_fingerprint(read_stats(self.store, d)))
+            return model is not None and model.fit.get("n_obs") == rows
 
         out["refreshed"] = out["caught_up"] and wait_until(refreshed, self.args.settle_timeout,
                                                            0.5)
@@ -815,7 +817,8 @@ class Soak:
                    threading.Thread(target=self.monitor, name="monitor", daemon=True)]
         for thread in threads:
             thread.start()
-        log(f"ready after {time.monotonic() - t0:.1f} s; soaking for {self.args.seconds:g} s")
+        self.ready_seconds = time.monotonic() - t0
+        log(f"ready after {self.ready_seconds:.1f} s; soaking for {self.args.seconds:g} s")
         self.schedule()
         log("faults done; settling")
         settled = self.settle()
@@ -848,6 +851,7 @@ class Soak:
         }
         return {
             "seconds": self.args.seconds, "seed": self.args.seed, "wall_seconds": round(wall, 1),
+            "ready_seconds": round(self.ready_seconds, 1),
             "ok": all(verdicts.values()), "checks": verdicts,
             "faults": faults, "fault_failures": self.fault_failures,
             "events": c.events, "groups": len(self.truth.seen),
@@ -972,8 +976,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"Comma-separated bad events to send (default all: {','.join(BAD_KINDS)}).")
     p.add_argument("--rtol", type=float, default=1e-9, help="Tolerance of the statistics check.")
     p.add_argument("--exit3-timeout", type=float, default=30.0)
-    p.add_argument("--rebuild-timeout", type=float, default=120.0)
-    p.add_argument("--settle-timeout", type=float, default=120.0)
+    p.add_argument("--rebuild-timeout", type=float, default=90.0)
+    p.add_argument("--settle-timeout", type=float, default=90.0)
     p.add_argument("--keep-logs", action="store_true", help="Keep the logs even on success.")
     args = p.parse_args(argv)
     if args.max_empty is None:

@@ -26,7 +26,7 @@ def test_short_soak_passes_every_check(tmp_path) -> None:
     the soak's report holds, and the report counts what it claims to have done."""
     run = subprocess.run(
         [sys.executable, str(SOAK), "--seconds", "35", "--min-faults", "20", "--seed", "7",
-         "--rate", "500", "--groups", "200"],
+         "--rate", "500", "--groups", "200", "--rebuild-timeout", "60", "--settle-timeout", "60"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path)
     lines = run.stdout.strip().splitlines()
     assert lines, f"the soak printed no report (status {run.returncode}):\n{run.stderr[-3000:]}"
