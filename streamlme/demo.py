@@ -163,7 +163,6 @@ def run_demo(n_groups: int = 200, n_events: int = 100_000, seed: int = 1,
     finally:
         close_store(config, store)
 
-
     eff = model.effects(stats)
     table = estimates(train, model, n_groups)
     shift = sample_shift(train, n_groups)
@@ -200,18 +199,21 @@ def _say_estimates(say: Any, table: list[Estimate], hospitals: int) -> None:
     say("Variance components and fixed effects: estimate, standard error and 95% interval, beside\n"
         "the population value the simulation drew from and this sample's own value (what the "
         f"{hospitals}\nhospitals' and patients' simulated effects make it):")
-    say(f"  {'':<26} {'estimate':>9} {'s.e.':>9}   {'95% interval':^21}  {'population':>10}"
+    say(f"  {'':<26} {'estimate':>9} {'s.e.':>9}   {'95% interval':^22}  {'population':>10}"
         f" {'this sample':>11}")
     for e in table:
         d = 4 if abs(e.truth) < 0.1 else 3
         say(f"  {e.name:<26} {_number(e.estimate, d)} {_number(e.se, d)}   "
             f"[{_number(e.lower, d)}, {_number(e.upper, d)}]  {e.truth:10.{d}f} {e.sample:11.{d}f}")
     far = max((e for e in table if e.se > 0), key=lambda e: abs(e.estimate - e.truth) / e.se)
+    to_truth, to_sample = (abs(far.estimate - v) / far.se for v in (far.truth, far.sample))
+    d = 4 if abs(far.truth) < 0.1 else 3
     inside = "inside" if far.covers(far.truth) else "outside (as 1 in 20 truths is)"
-    say(f"  {far.name} {far.estimate:.3f} is {abs(far.estimate - far.truth) / far.se:.1f} s.e. from "
-        f"the population's {far.truth:.3f}, {inside} its interval,\n"
-        f"  and {abs(far.estimate - far.sample) / far.se:.1f} s.e. from this sample's "
-        f"{far.sample:.3f}: what these hospitals are, not an error of the fit.")
+    why = (": what these hospitals are, not an error of the fit" if to_sample < min(1.0, to_truth)
+           else "")
+    say(f"  {far.name} {far.estimate:.{d}f} is {to_truth:.1f} s.e. from the population's "
+        f"{far.truth:.{d}f}, {inside} its interval,\n  and {to_sample:.1f} s.e. from this "
+        f"sample's {far.sample:.{d}f}{why}.")
 
 
 def _say_offsets(say: Any, rows: list[dict[str, Any]]) -> None:
