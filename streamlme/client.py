@@ -82,7 +82,12 @@ class ModelNotReady(LookupError):  # noqa: N818 - the name users catch
 
 
 class NamespaceNotReady(LookupError):  # noqa: N818 - the name users catch
-    """The namespace is flagged (rebuilding, or state lost): its statistics are not served."""
+    """The namespace is flagged (rebuilding, or state lost): its statistics are not served.
+
+    The CLI exits with `exit_code`, as for the `StateLostError` that flagged it.
+    """
+
+    exit_code = 3
 
     def __init__(self, health: Health) -> None:
         self.health = health

@@ -209,3 +209,16 @@ def test_dev_up_reports_its_start_in_iso_and_epoch() -> None:
     doc = services.to_dict()
     assert (doc["started_at"], doc["started_at_iso"]) == (60.0, "1970-01-01T00:01:00Z")
     assert "export STREAMLME_KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:4" in services.exports()
+
+
+def test_a_flagged_namespace_is_one_line_exit_3(tmp_path: Path, redis_url: str,
+                                                namespace: str) -> None:
+    from streamlme.store import RedisStore
+
+    store = RedisStore(redis_url, namespace)
+    store.set_flag("lost", "the store holds no record of events:0 (Redis restarted empty)")
+    config = write(tmp_path, MODEL + f'[redis]\nurl = "{redis_url}"\nnamespace = "{namespace}"\n')
+    result = run("effect", "a", "--config", str(config))
+    assert result.returncode == 3, result.stderr
+    line = one_line(result)
+    assert "flagged 'lost'" in line and "Redis restarted empty" in line
