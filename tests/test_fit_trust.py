@@ -138,9 +138,11 @@ def test_large_weights_reach_the_anova_optimum(w: float) -> None:
     G_reml, G_ml, s2, _ = _anova(g, y, w)
     assert G_ml > 0
     reml, ml = fit(stats, spec, "REML"), fit(stats, spec, "ML")
+    # a deviance of N = 2.4e7 rows is known to ~1e-8, which bounds theta to ~1e-5 at w = 1e6
+    rel = 1e-5 if w <= 1e5 else 1e-4
     for res, G in ((reml, G_reml), (ml, G_ml)):
         assert res.converged and res.optsummary.iterations > 1
-        assert float(res.G[0, 0]) == pytest.approx(G, rel=1e-5)
+        assert float(res.G[0, 0]) == pytest.approx(G, rel=rel)
         assert res.sigma2 == pytest.approx(s2, rel=1e-5)
     em = fit(stats, spec, "EM", tol=1e-14, max_iter=100_000)
     assert float(ml.G[0, 0]) == pytest.approx(float(em.G[0, 0]), rel=1e-5)

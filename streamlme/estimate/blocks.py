@@ -61,6 +61,7 @@ from streamlme.estimate.crossprod import (
     alike_rows,
     basis,
     check_width,
+    pooled_moments,
 )
 from streamlme.estimate.fit import (
     _check_arguments,
@@ -117,11 +118,9 @@ def summarise(stats: GroupStats, spec: ModelSpec) -> Summary:
         return Summary(0, 0.0, np.zeros(stats.d), np.zeros((stats.d, stats.d)), np.zeros(stats.d))
     if not live.all():
         stats = stats.select([k for k, ok in zip(stats.keys, live) if ok])
-    ref = stats.mean[0]
-    N, e, C = stats.pooled_about(ref)
-    m = ref + e
+    N, m, C, err = pooled_moments(stats)
     alike = int(alike_rows(stats.n, stats.C, np.diag(C) / N).sum())
-    return Summary(len(stats), N, m, C, e - (m - ref), alike)
+    return Summary(len(stats), N, m, C, err, alike)
 
 
 def combine(summaries: Sequence[Summary]) -> Summary:
@@ -158,8 +157,9 @@ class Frame(CrossProducts):
     the pooled [X y]'[X y], N and the basis maps, with ``groups`` the number of groups."""
 
     groups: int = 0
-    #: where the columns of the statistics are centred (the reference point r)
+    #: where the columns of the statistics are centred: r + delta (`crossprod.Basis`)
     r: Array = field(default_factory=lambda: np.zeros(0))
+    delta: Array = field(default_factory=lambda: np.zeros(0))
     #: positions of the random terms and of [X y] in the augmented vector (1, w - r)
     iz: tuple[int, ...] = ()
     ixy: tuple[int, ...] = ()
@@ -179,12 +179,13 @@ def frame(spec: ModelSpec, summary: Summary) -> Frame:
             f"{summary.groups} group(s) with data; a random effect needs at least 2 groups")
     N, M = summary.N, summary.mean
     err = np.zeros_like(M) if summary.mean_error is None else summary.mean_error
-    b = basis(spec, N, M, summary.C, lambda r: (M - r) + err)
+    b = basis(spec, N, M, summary.C, err)
     q, m = len(b.iz), len(b.ixy)
     return Frame(keys=[], n=np.zeros(0), ZtZ=np.zeros((0, q, q)), ZtXy=np.zeros((0, q, m)),
                  XyXy=b.XyXy, N=N, T_X=b.T_X, T_Z=b.T_Z, z_scale=b.z_scale,
                  z_centre=b.z_centre, r_y=float(b.r[-1]), intercept_fixed=b.intercept_fixed,
-                 groups=summary.groups, r=b.r, iz=tuple(b.iz), ixy=tuple(b.ixy),
+                 delta_y=float(b.delta[-1]),
+                 groups=summary.groups, r=b.r, delta=b.delta, iz=tuple(b.iz), ixy=tuple(b.ixy),
                  alike=summary.alike)
 
 
@@ -214,7 +215,7 @@ def build_block(stats: GroupStats, fr: Frame, index: int = 0) -> Block:
     """A block from the statistics of some groups (those without data are left out)."""
     live = stats.n > 0
     n, mean, C = stats.n[live], stats.mean[live], stats.C[live]
-    e = np.concatenate([np.ones((len(n), 1)), mean - fr.r], axis=1)
+    e = np.concatenate([np.ones((len(n), 1)), (mean - fr.r) - fr.delta], axis=1)
     iz, ixy = list(fr.iz), list(fr.ixy)
     s = fr.z_scale
     ZtZ = np.ascontiguousarray(_block(n, e, C, iz, iz) * s[None, :, None] * s[None, None, :])

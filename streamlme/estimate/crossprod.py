@@ -18,7 +18,6 @@ exact linear maps back to the user's basis:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +56,8 @@ class CrossProducts:
     z_centre: Array
     r_y: float
     intercept_fixed: int | None
+    #: the response's exact centre is r_y + delta_y (`Basis.delta`)
+    delta_y: float = 0.0
 
     @property
     def p(self) -> int:
@@ -86,23 +87,42 @@ class CrossProducts:
     def beta_to_user(self, beta_c: Array) -> Array:
         beta = self.T_X @ beta_c
         if self.intercept_fixed is not None:
+            # the response's centre is r_y + delta_y: its small part first, then its level
+            beta[self.intercept_fixed] += self.delta_y
             beta[self.intercept_fixed] += self.r_y
         return beta
 
 
-def reference_point(spec: ModelSpec, mean: Array) -> Array:
-    """Where each column of the statistics may be centred without changing the model."""
-    r = np.zeros(len(spec.columns))
+def centred_columns(spec: ModelSpec) -> NDArray[np.bool_]:
+    """Which columns of the statistics may be centred without changing the model."""
+    ok = np.zeros(len(spec.columns), dtype=bool)
     fixed_icpt = INTERCEPT in spec.fixed
     random_icpt = INTERCEPT in spec.random
     for k, col in enumerate(spec.covariates):
-        ok_fixed = col not in spec.fixed or fixed_icpt
-        ok_random = col not in spec.random or random_icpt
-        if ok_fixed and ok_random:
-            r[k] = mean[k]
-    if fixed_icpt:
-        r[-1] = mean[-1]
-    return r
+        ok[k] = (col not in spec.fixed or fixed_icpt) and (col not in spec.random or random_icpt)
+    ok[-1] = fixed_icpt
+    return ok
+
+
+def reference_point(spec: ModelSpec, mean: Array, spread: Array | None = None) -> Array:
+    """Where each column of the statistics is centred: near its pooled mean where that does not
+    change the model (`centred_columns`), else at 0."""
+    spread = np.zeros(len(spec.columns)) if spread is None else spread
+    return np.array([_snap(m, s) if ok else 0.0
+                     for m, s, ok in zip(mean, spread, centred_columns(spec))])
+
+
+def _snap(m: float, s: float) -> float:
+    """A mean m of spread s rounded to a multiple of 2^16 units of the last digit of |m| + s
+    (exactly: a power of two).
+
+    Any r near the pooled mean is a valid centre, and the fit in the centred basis depends on
+    which: pooled means formed in another order or split (a block fit, a reordered store) differ
+    by a few units of that digit, and snapped they give the same r, hence the same centred-basis
+    numbers. The offset this leaves (at most 7e-12 of |m| + s) costs no digits.
+    """
+    h = float(np.spacing(abs(float(m)) + abs(float(s)))) * 65536.0
+    return float(np.round(m / h) * h)
 
 
 def _shift_matrix(terms: tuple[str, ...], columns: tuple[str, ...], r: Array) -> Array:
@@ -140,24 +160,29 @@ class Basis:
     intercept_fixed: int | None
     iz: list[int]
     ixy: list[int]
+    #: (d,) the exact pooled mean minus r in the centred columns (0 elsewhere): the groups'
+    #: offsets are taken about r + delta, so that they sum to exactly zero, as the pooled block
+    #: says, however the pooled mean was rounded (T_X, T_Z, z_centre use r + delta, rounded)
+    delta: Array
 
 
-def basis(spec: ModelSpec, N: float, M: Array, C_pool: Array,
-          offset_about: Callable[[Array], Array]) -> Basis:
+def basis(spec: ModelSpec, N: float, M: Array, C_pool: Array, mean_error: Array) -> Basis:
     """Check the pooled moments can identify the model and form the global part of its
     cross-products.
 
-    (N, M, C_pool) are the pooled mass, mean and co-moments; ``offset_about(r)`` is the
-    pooled mean minus r, computed from the groups' offsets m_j - r (not as M - r, whose
-    rounding is as large as M's last digit): the pooled block is then the sum of the groups'
-    blocks to the digits of the data's spread. Without that, a response near 1e14 gave an
-    intercept-y entry that disagreed with the groups' by N ulp(1e14), an error the Schur
-    complement multiplies by theta^2.
+    (N, M, C_pool) are the pooled mass, mean and co-moments, ``mean_error`` the exact pooled
+    mean minus M (`pooled_moments`). A centred column's groups are taken about its exact pooled
+    mean, r + delta with delta = (M - r) + mean_error (r a rounded centre, `_snap`), so that their
+    offsets sum to zero as the pooled block (about that same point) says. Taken about r with
+    the pooled block about M, they disagreed by N (M - r): with a response near 1e14, N ulp(1e14)
+    in the intercept-y entry, an error the Schur complement multiplies by about theta^2 (it
+    moved the intercept by 90 standard errors and G by 13x).
     """
     p = len(spec.fixed)
     if p >= N:
         raise DataError(f"{N:g} observations cannot estimate {p} fixed effects")
-    r = reference_point(spec, M)
+    spread = np.sqrt(np.maximum(np.diag(C_pool), 0.0) / N)
+    r = reference_point(spec, M, spread)
     cols = spec.columns
     _check_constant(spec, M, C_pool, N, r)
     check_response(spec.response, M[-1], C_pool[-1, -1], N)
@@ -182,15 +207,18 @@ def basis(spec: ModelSpec, N: float, M: Array, C_pool: Array,
     # z_s = z_c / s for random covariates: b_c = diag(1/s) b_s
     z_scale = np.array([1.0 if t == INTERCEPT else 1.0 / scale[cols.index(t)]
                         for t in spec.random])
-    e_pool = np.concatenate([[1.0], offset_about(r)])
+    offset = (M - r) + mean_error
+    delta = np.where(centred_columns(spec), offset, 0.0)
+    e_pool = np.concatenate([[1.0], offset - delta])
     XyXy = _block(np.array([N]), e_pool[None], C_pool[None], ixy, ixy)[0]
     _check_rank(XyXy[:p, :p], spec)
     check_residual(XyXy, spec.fixed_names, spec.response)
-    T_X = _shift_matrix(spec.fixed, cols, r)
-    T_Z = _shift_matrix(spec.random, cols, r) @ np.diag(z_scale)
-    z_centre = np.array([0.0 if t == INTERCEPT else r[cols.index(t)] for t in spec.random])
+    centre = r + delta
+    T_X = _shift_matrix(spec.fixed, cols, centre)
+    T_Z = _shift_matrix(spec.random, cols, centre) @ np.diag(z_scale)
+    z_centre = np.array([0.0 if t == INTERCEPT else centre[cols.index(t)] for t in spec.random])
     i0 = spec.fixed.index(INTERCEPT) if INTERCEPT in spec.fixed else None
-    return Basis(r, XyXy, T_X, T_Z, z_scale, z_centre, i0, iz, ixy)
+    return Basis(r, XyXy, T_X, T_Z, z_scale, z_centre, i0, iz, ixy, delta)
 
 
 def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
@@ -204,16 +232,28 @@ def cross_products(stats: GroupStats, spec: ModelSpec) -> CrossProducts:
         raise DataError(
             f"{len(stats)} group(s) with data; a random effect needs at least 2 groups"
         )
-    N, M, C_pool = stats.total()
-    b = basis(spec, N, M, C_pool, lambda r: stats.pooled_about(r)[1])
-    e = np.concatenate([np.ones((len(stats), 1)), stats.mean - b.r], axis=1)
+    N, M, C_pool, err = pooled_moments(stats)
+    b = basis(spec, N, M, C_pool, err)
+    e = np.concatenate([np.ones((len(stats), 1)), (stats.mean - b.r) - b.delta], axis=1)
     s = b.z_scale
     # C-contiguous: the compiled per-group passes walk these arrays row by row
     ZtZ = np.ascontiguousarray(
         _block(stats.n, e, stats.C, b.iz, b.iz) * s[None, :, None] * s[None, None, :])
     ZtXy = np.ascontiguousarray(_block(stats.n, e, stats.C, b.iz, b.ixy) * s[None, :, None])
     return CrossProducts(list(stats.keys), stats.n.copy(), ZtZ, ZtXy, b.XyXy, N, b.T_X, b.T_Z,
-                         s, b.z_centre, float(b.r[-1]), b.intercept_fixed)
+                         s, b.z_centre, float(b.r[-1]), b.intercept_fixed, float(b.delta[-1]))
+
+
+def pooled_moments(stats: GroupStats) -> tuple[float, Array, Array, Array]:
+    """(N, M, C, err) of groups with data: the pooled mass, mean (rounded to its last digit),
+    co-moments about the exact pooled mean, and err = exact mean - M, formed from the groups'
+    offsets to the first group's mean, so that (M - r) + err is the pooled mean about any
+    r near the data to the digits of the data's spread (`basis`). A block fit's summaries
+    (`blocks.summarise`) are these numbers."""
+    ref = stats.mean[0]
+    N, e, C = stats.pooled_about(ref)
+    M = ref + e
+    return N, M, C, e - (M - ref)
 
 
 def _block(n: Array, e: Array, C: Array, rows: list[int], cols: list[int]) -> Array:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
@@ -221,12 +222,6 @@ def objective_scale(d0: float, n_groups: int) -> tuple[float, float]:
     return float(d0), min(max(abs(d0), 1.0), cap)
 
 
-def relative_unit(d0: float, scale: float) -> float:
-    """|d0| in units of the scaled objective (at least 1): the factor that keeps ``tol`` a
-    tolerance on the deviance's change relative to the deviance, as documented."""
-    return max(abs(d0) / scale, 1.0) if np.isfinite(d0) else 1.0
-
-
 def gradient_floor(d0: float, n_groups: int, tol: float) -> float:
     """The largest free gradient component (per group) that still counts as converged.
 
@@ -261,9 +256,10 @@ def minimise(
                 seen[key] = (st.deviance, ev.gradient(st), st)
             except NumericalError:
                 seen[key] = (np.inf, np.zeros_like(theta), None)
-            # keep the latest state only: a state may hold G x q x (p + q) floats of factors
-            for k in [k for k, v in seen.items() if v[2] is not None and k != key]:
-                seen[k] = (seen[k][0], seen[k][1], None)
+            # keep the latest state's factors only: a state may hold G x q x (p + q) floats
+            for k, v in seen.items():
+                if k != key and v[2] is not None and v[2].L is not None:
+                    seen[k] = (v[0], v[1], replace(v[2], L=None, RZXy=None))
         return seen[key]
 
     d0 = state_at(theta0)[0]
@@ -275,8 +271,7 @@ def minimise(
 
     opt = minimize(
         fun, theta0, jac=True, method="L-BFGS-B", bounds=par.bounds,
-        options={"maxiter": max_iter, "ftol": tol * 1e-3 * relative_unit(d0, scale),
-                 "gtol": tol, "maxcor": 20},
+        options={"maxiter": max_iter, "ftol": tol * 1e-3, "gtol": tol, "maxcor": 20},
     )
     theta = np.asarray(opt.x, dtype=float)
     _, g, st = state_at(theta)
