@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any
 
 from streamlme.config import Config, ConfigError
 from streamlme.events import EventDecoder, RejectionLog
@@ -24,7 +23,7 @@ from streamlme.stream.dlq import (
     KafkaDeadLetters,
     LoggedDeadLetters,
 )
-from streamlme.stream.publish import publish_file, spec_columns
+from streamlme.stream.publish import publish_config
 from streamlme.stream.source import JsonLinesSource, KafkaSource, Source
 
 log = logging.getLogger(__name__)
@@ -121,10 +120,6 @@ def _wait_for_store(config: Config) -> StateStore:
 
 
 def run_publish(config: Config, path: str | os.PathLike[str], progress: bool = True) -> int:
-    """Send a CSV / JSON-lines file's rows to the configured topic; returns how many."""
-    if config.kafka is None:
-        raise ConfigError([f"{config.source}: kafka: publish needs a [kafka] section"])
-    settings: dict[str, Any] = config.kafka.producer_kwargs()
-    columns = spec_columns(config.spec)
-    return publish_file(path, config.kafka.topic, columns.pop("group"), settings, progress,
-                        **columns)
+    """Send a CSV / JSON-lines file's rows to the configured topic, each checked first as the
+    consumer will decode it (`streamlme.stream.publish.publish_config`); returns how many."""
+    return publish_config(config, path, progress)
