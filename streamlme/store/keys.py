@@ -90,6 +90,12 @@ class ShardKeys:
         return f"{self.tag}:meta"
 
     @property
+    def dead(self) -> str:
+        """Hash: ``topic:partition:offset`` -> a dead-letter record a merge refused and kept,
+        until the consumer has sent it (`streamlme.stream.consumer`)."""
+        return f"{self.tag}:dead"
+
+    @property
     def all(self) -> tuple[str, str, str, str]:
         """The keys a merge script touches, in its KEYS order."""
         return self.meta, self.stats, self.offsets, self.levels

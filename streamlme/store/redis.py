@@ -10,7 +10,8 @@ key                                 type    value
 ==================================  ======  ====================================================
 ``{ns}:meta``                       hash    ``layout`` (2), ``shards``, ``created_at``,
                                             ``epoch``; ``flag``, ``reason``, ``since`` while
-                                            flagged (`streamlme.store.health`)
+                                            flagged (`streamlme.store.health`); ``pinned``,
+                                            ``pinned_at`` while a version is pinned
 ``{ns}:gaps``                       hash    ``<topic>:<partition>:<from>`` -> an accepted
                                             offset gap (JSON)
 ``{ns}:models``                     hash    model version -> record (bytes)
@@ -27,6 +28,8 @@ key                                 type    value
 ``{ns:s<i>}:offsets``               hash    ``<topic>:<partition>`` -> next offset this shard
                                             has applied
 ``{ns:s<i>}:meta``                  hash    ``d``, ``format``, ``columns`` (JSON), ``version``
+``{ns:s<i>}:dead``                  hash    ``topic:partition:offset`` -> a dead letter the
+                                            merge refused and kept until it is sent
 ==================================  ======  ====================================================
 
 Cell ids are percent-encoded (`streamlme.store.keys.encode_group`). A shard's statistics are one
@@ -474,7 +477,7 @@ class RedisStore:
             *[encode_group(step.key) for step in steps],
             *[x for step in steps for x in (step.dead_field, step.dead)],
         ]
-        keys = (*self.keys.shard(shard).all, self._dead_key(shard))
+        keys = (*self.keys.shard(shard).all, self.keys.shard(shard).dead)
         return (len(keys), *keys, *args), r_keys, width if touches else None
 
     def _evalsha_all(self, calls: Mapping[int, tuple[Any, ...]]) -> dict[int, Any]:
@@ -674,7 +677,7 @@ class RedisStore:
         """Delete every key of the namespace: its shards', then its own."""
         if self._read_layout() is not None or self._shards is not None:
             for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
-                self._pipeline([("UNLINK", *self.keys.shard(s).all, self._dead_key(s))
+                self._pipeline([("UNLINK", *self.keys.shard(s).all, self.keys.shard(s).dead)
                                 for s in range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))])
         k = self.keys
         consumers = self._retrying(lambda: self.client.zrange(k.consumers, 0, -1))
@@ -809,16 +812,12 @@ class RedisStore:
 
     # -- dead letters the merge kept (refused retraction steps) -------------------------------
 
-    def _dead_key(self, shard: int) -> str:
-        """Hash of shard ``shard``'s kept dead letters: ``topic:partition:offset`` -> record."""
-        return f"{self.keys.shard(shard).tag}:dead"
-
     def dead_letters(self) -> dict[int, dict[str, bytes]]:
         """Per shard (those holding any), the dead letters merges kept and nobody sent yet."""
         out: dict[int, dict[str, bytes]] = {}
         for lo in range(0, self.n_shards, SHARDS_PER_ROUND):
             shards = range(lo, min(lo + SHARDS_PER_ROUND, self.n_shards))
-            replies = self._pipeline([("HGETALL", self._dead_key(s)) for s in shards])
+            replies = self._pipeline([("HGETALL", self.keys.shard(s).dead) for s in shards])
             for shard, fields in zip(shards, replies, strict=True):
                 if fields:
                     out[shard] = {f.decode(): bytes(v) for f, v in dict(fields).items()}
@@ -827,7 +826,7 @@ class RedisStore:
     def delete_dead_letters(self, shard: int, fields: Sequence[str]) -> None:
         """HDEL exactly ``fields`` (sent) from shard ``shard``'s kept dead letters."""
         if fields:
-            self._pipeline([("HDEL", self._dead_key(shard), *fields)])
+            self._pipeline([("HDEL", self.keys.shard(shard).dead, *fields)])
 
     # -- consumer status (see streamlme.status) ----------------------------------------------
 
