@@ -270,9 +270,9 @@ def build_app(client: Client, token: str | None = None, spec: ModelSpec | None =
         rec = client.model(version)
         health = client.store.health()
         pinned = _pinned(client)
-        return _json({**rec.to_dict(), "gaps": [g.to_dict() for g in health.gaps],
-                      "complete": health.complete, "pinned": pinned == rec.version,
-                      "pinned_version": pinned})
+        # the record's own gaps say what this model lacks; the namespace's, what the next fit will
+        return _json({**rec.to_dict(), "namespace_gaps": [g.to_dict() for g in health.gaps],
+                      "pinned": pinned == rec.version, "pinned_version": pinned})
 
     @guarded.get("/v1/model/versions", response_model=schemas.ModelVersions,
                  summary="Stored model versions, oldest first")

@@ -132,9 +132,12 @@ class Model(BaseModel):
     sigma2: float
     created_at_iso: str = Field(description="created_at in ISO 8601 (UTC).")
     gaps: list[OffsetGap] = Field(
-        description="Offset ranges the consumers accepted as lost ([kafka] on_gap = "
-                    '"record"): the model does not cover those events.')
-    complete: bool = Field(description="True when no gap is recorded.")
+        description="Offset ranges the statistics lacked when this model was fitted (accepted "
+                    'as lost under [kafka] on_gap = "record"): the model does not cover those '
+                    "events.")
+    complete: bool = Field(description="True when this model's statistics lacked no offsets.")
+    namespace_gaps: list[OffsetGap] = Field(
+        description="The offset gaps the namespace records now (what a fit made now lacks).")
     pinned: bool = Field(description="True when this version is pinned by "
                                      "`streamlme model --rollback`.")
     pinned_version: int | None = Field(description="The pinned version, null if none.")
