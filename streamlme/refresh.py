@@ -602,6 +602,8 @@ def _report(out: RefreshOutcome, again: bool = False) -> None:
     elif out.status in STEADY:
         log.log(logging.DEBUG if again else logging.WARNING,
                 "refresh %s: %s; the current model (%s) stays", out.status, out.message, current)
+    elif out.status == "error":  # the store did not answer: what is current is unknown here
+        log.error("refresh %s: %s; whatever model is current stays", out.status, out.message)
     else:
         log.error("refresh %s: %s; the current model (%s) stays", out.status, out.message,
                   current)
