@@ -39,7 +39,9 @@ def test_nested_with_one_inner_level_per_outer_level_is_the_one_factor_fit(
     assert nested.fit.criterion == pytest.approx(one.fit.criterion, rel=1e-8, abs=1e-8)
     G_sum = sum(float(t.G[0, 0]) for t in nested.fit.terms)
     scale = float(one.fit.G[0, 0]) + one.fit.sigma2
-    assert abs(G_sum - float(one.fit.G[0, 0])) < 1e-4 * scale
+    # the criterion agrees to 1e-9, and near an optimum a criterion error e moves the variance
+    # by about sqrt(e): the search stops with the sum 1e-4..2e-4 off on a few percent of draws
+    assert abs(G_sum - float(one.fit.G[0, 0])) < 1e-3 * scale
     # along the ridge only the sum of the variances is determined, and the derivative-free
     # search stops on it to ~1e-5: judge beta on the scale of its standard error
     assert (np.abs(nested.fit.beta - one.fit.beta) < 1e-3 * one.fit.beta_se).all()
