@@ -141,15 +141,15 @@ def _failed_types() -> tuple[type[BaseException], ...]:
     """Errors that mean "this did not work" rather than "this was asked wrongly"."""
     from streamlme.client import ModelNotReady, TermRequired, UnknownTermError
     from streamlme.data import DataFileError
-    from streamlme.estimate import DataError
+    from streamlme.estimate import DataError, NumericalError
     from streamlme.plots import PlotError
     from streamlme.stats import StatsError
     from streamlme.store.errors import StoreError
     from streamlme.store.keys import KeyNameError
     from streamlme.stream.publish import PublishError
 
-    return (StoreError, DataFileError, DataError, PublishError, PlotError, StatsError,
-            KeyNameError, ModelNotReady, TermRequired, UnknownTermError)
+    return (StoreError, DataFileError, DataError, NumericalError, PublishError, PlotError,
+            StatsError, KeyNameError, ModelNotReady, TermRequired, UnknownTermError)
 
 
 def explain_failure(exc: BaseException, cfg: Any = None) -> tuple[str, int]:
