@@ -39,7 +39,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from fixtures_redis import assert_no_keys_left, cleanup_namespace, keys_without_expiry, new_namespace
+from fixtures_redis import (
+    assert_no_keys_left,
+    cleanup_namespace,
+    keys_without_expiry,
+    namespace_patterns,
+    new_namespace,
+)
 from net_helpers import free_port
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
@@ -543,17 +549,13 @@ class LocalRedisCluster(RedisClusterHandle):
 
 
 # ---- namespace cleanup ------------------------------------------------------------------
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
 def delete_cluster_namespace(cluster: RedisClusterHandle, namespace: str) -> int:
     """UNLINK every key of ``namespace`` (hash tags ``{ns}``, ``{ns:s<N>}`` and those of
     ``<ns>-...`` namespaces a test derived from it) on every master.
 
-    SCANs each master with ``MATCH {ns*``; the keys found are unlinked through the cluster
-    client, one slot at a time (a multi-key call must stay in one slot)."""
-    patterns = ["{" + _glob_escape(namespace) + "*"]
+    SCANs each master with `fixtures_redis.namespace_patterns`; the keys found are unlinked
+    through the cluster client, one slot at a time (a multi-key call must stay in one slot)."""
+    patterns = namespace_patterns(namespace)
     client = cluster.client()
     deleted = 0
     try:

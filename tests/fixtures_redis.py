@@ -241,18 +241,25 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+def namespace_patterns(namespace: str) -> list[str]:
+    """SCAN patterns of a namespace's keys: its tag ``{ns}``, its shards' ``{ns:s<i>}`` and
+    those of ``<ns>-...`` namespaces a test derived from it (not a neighbour ``{nsx}``)."""
+    ns = _glob_escape(namespace)
+    return ["{" + ns + "}*", "{" + ns + ":*", "{" + ns + "-*"]
+
+
 def delete_namespace(url: str, namespace: str) -> int:
-    """UNLINK every key whose hash tag starts with ``namespace`` (SCAN MATCH, in batches)."""
+    """UNLINK every key of ``namespace`` (`namespace_patterns`; SCAN MATCH, in batches)."""
     client = redis.Redis.from_url(url)
-    pattern = "{" + _glob_escape(namespace) + "*"
     deleted = 0
     try:
         batch: list[bytes] = []
-        for key in client.scan_iter(match=pattern, count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                deleted += client.unlink(*batch)
-                batch.clear()
+        for pattern in namespace_patterns(namespace):
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    deleted += client.unlink(*batch)
+                    batch.clear()
         if batch:
             deleted += client.unlink(*batch)
     finally:
