@@ -6,7 +6,7 @@ against Dask, in one run. Prints one JSON object per line, each naming the machi
     python scripts/bench_scale.py --events 200000 --groups 200000   # a quicker run
 
 Redis: a ``redis-server`` this script starts on a free port (never the shared 6379) for the
-standalone cases, and for the cluster cases ``STREAMLME_REDIS_CLUSTER`` (comma-separated
+standalone cases, and for the cluster cases ``STREAMLME_TEST_REDIS_CLUSTER`` (comma-separated
 host:port startup nodes) if set, else six local ``redis-server --cluster-enabled yes`` processes
 joined as 3 masters + 3 replicas, started as the tests start them (`tests/fixtures_cluster.py`).
 Every key written is deleted afterwards and every process started is stopped.

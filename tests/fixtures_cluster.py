@@ -9,11 +9,11 @@ replica's promotion), ``freeze``/``thaw`` (SIGSTOP/SIGCONT), ``restart`` and ``r
 
 Fixtures:
 
-- ``redis_cluster`` (session): ``STREAMLME_REDIS_CLUSTER`` (comma-separated host:port startup
+- ``redis_cluster`` (session): ``STREAMLME_TEST_REDIS_CLUSTER`` (comma-separated host:port startup
   nodes of an existing cluster) if set, else one local cluster for the whole session. On an
   existing cluster the fault tools are not available: a test calling them is skipped.
 - ``private_redis_cluster`` (function): a fresh local cluster per test, for tests that kill,
-  freeze or reshard. Skipped when ``STREAMLME_REDIS_CLUSTER`` names a cluster to use instead.
+  freeze or reshard. Skipped when ``STREAMLME_TEST_REDIS_CLUSTER`` names a cluster to use instead.
 - ``cluster_namespace`` (function): a unique namespace; afterwards every key of it (hash tags
   ``{ns}`` and ``{ns:s<N>}``) is deleted on every master of ``redis_cluster`` (and from
   ``redis_url`` if the test used it). A cluster the tests did not start is never flushed. Keys a
@@ -50,7 +50,7 @@ from net_helpers import free_port
 from redis.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
 
-ENV = "STREAMLME_REDIS_CLUSTER"
+ENV = "STREAMLME_TEST_REDIS_CLUSTER"
 SLOTS = 16384
 
 
@@ -139,7 +139,7 @@ def parse_cluster_nodes(text: str) -> list[NodeInfo]:
 class RedisClusterHandle:
     """A Redis Cluster the tests talk to: addresses, clients and topology, no faults.
 
-    Used as is for an existing cluster (``STREAMLME_REDIS_CLUSTER``); ``LocalRedisCluster``
+    Used as is for an existing cluster (``STREAMLME_TEST_REDIS_CLUSTER``); ``LocalRedisCluster``
     adds the processes and the fault tools."""
 
     fault_tools = False
@@ -590,7 +590,7 @@ def _env_cluster() -> RedisClusterHandle | None:
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterHandle]:
-    """The session's Redis Cluster: ``STREAMLME_REDIS_CLUSTER`` if set, else a local one."""
+    """The session's Redis Cluster: ``STREAMLME_TEST_REDIS_CLUSTER`` if set, else a local one."""
     handle = _env_cluster()
     if handle is not None:
         yield handle

@@ -145,7 +145,7 @@ def test_frozen_replica_promoted_after_its_master_dies_has_lost_writes(
 def test_an_existing_cluster_has_no_fault_tools(redis_cluster: RedisClusterHandle) -> None:
     handle = RedisClusterHandle(redis_cluster.startup_nodes)
     assert handle.masters() == redis_cluster.masters()
-    with pytest.raises(pytest.skip.Exception, match="STREAMLME_REDIS_CLUSTER"):
+    with pytest.raises(pytest.skip.Exception, match="STREAMLME_TEST_REDIS_CLUSTER"):
         handle.kill_master(handle.masters()[0])
     with pytest.raises(pytest.skip.Exception):
         handle.reshard(*handle.masters()[:2])

@@ -324,9 +324,11 @@ def test_clear_deletes_everything(make_store):
     store = make_store()
     store.merge(GroupStats.from_rows(["a", "b"], [[1.0], [2.0]]), offsets={tp(0): OffsetRange(0, 2)})
     store.put_model(b"m")
+    assert store.acquire_lease("me", 30.0) == 1
     store.clear()
     assert store.n_groups() == 0 and store.offsets("events") == {} and store.get("a") is None
     assert store.get_model() is None and store.model_versions() == []
+    assert store.lease_holder() is None and store.acquire_lease("me", 30.0) == 1
     assert store.merge(GroupStats.from_rows(["a"], [[1.0, 2.0]])).applied  # any width again
 
 

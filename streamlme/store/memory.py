@@ -335,6 +335,7 @@ class MemoryStore:
             self._model_seq = 0
             self._model_current = None
             self._fence = None
+            self._lease, self._lease_seq = None, 0
             self._d = None if self.columns is None else len(self.columns)
             self._epoch, self._created_at = new_epoch(), time.time()
             self._flag = None

@@ -682,7 +682,8 @@ class RedisStore:
         k = self.keys
         consumers = self._retrying(lambda: self.client.zrange(k.consumers, 0, -1))
         self._pipeline([("UNLINK", key) for key in (
-            k.meta, k.gaps, k.models, k.model_seq, k.model_current, k.model_fence, k.consumers,
+            k.meta, k.gaps, k.models, k.model_seq, k.model_current, k.model_fence, k.lease,
+            k.lease_seq, k.consumers,
             k.ingest, *[f"{k.tag}:consumers:{m.decode()}" for m in consumers])])
         self._shards = None
         self._d = None if self.columns is None else len(self.columns)
