@@ -138,11 +138,12 @@ def streamlme_consume(bootstrap: str, topic: str, spec: ModelSpec, store: RedisS
     return n / (end - assigned_at[0]), report.to_dict()
 
 
-def redis_bytes_per_group(client: redis.Redis, store: RedisStore, sample: int = 500) -> float:
-    keys = [store._prefix + f"g{i}" for i in range(sample)]
-    per_key = np.mean([client.memory_usage(k) or 0 for k in keys])
-    registry = client.memory_usage(store.keys.groups) or 0
-    return float(per_key + registry / max(store.n_groups(), 1))
+def redis_bytes_per_group(client: redis.Redis, store: RedisStore) -> float:
+    """MEMORY USAGE of every shard's keys (statistics, index, offsets, meta), per group."""
+    total = 0
+    for shard in range(store.n_shards):
+        total += sum(client.memory_usage(k) or 0 for k in store.keys.shard(shard).all)
+    return float(total / max(store.n_groups(), 1))
 
 
 def main() -> None:
