@@ -69,16 +69,7 @@ def fold(
     times (with ``half_life``; a missing time, NaN, means "now"), ``retract`` a boolean mask of
     rows to take back out.
     """
-    W = np.asarray(W, dtype=float)
-    d = W.shape[1] if W.ndim == 2 else 0
-    codes, keys = code_groups(groups)
-    v = None if weights is None else np.asarray(weights, dtype=float)
-    t = None
-    if half_life is not None:
-        t = np.full(len(codes), time.time()) if ts is None else np.asarray(ts, dtype=float)
-        # Events without a time are taken to happen as they are processed.
-        t = np.where(np.isnan(t), time.time(), t)
-    mask = np.zeros(len(codes), bool) if retract is None else np.asarray(retract, dtype=bool)
+    W, d, codes, keys, v, t, mask = _columns(groups, W, weights, ts, retract, half_life)
     if not mask.any():
         adds = _stats(codes, keys, W, v, t, half_life, None, d)
         return Delta(adds, None, np.zeros(0, np.intp), [], len(codes))
@@ -122,16 +113,7 @@ def fold_ordered(
     >>> out.steps[0][1].n.tolist()
     [2.0]
     """
-    W = np.asarray(W, dtype=float)
-    d = W.shape[1] if W.ndim == 2 else 0
-    codes, keys = code_groups(groups)
-    v = None if weights is None else np.asarray(weights, dtype=float)
-    t = None
-    if half_life is not None:
-        now = time.time()
-        t = np.full(len(codes), now) if ts is None else np.asarray(ts, dtype=float)
-        t = np.where(np.isnan(t), now, t)
-    mask = np.zeros(len(codes), bool) if retract is None else np.asarray(retract, dtype=bool)
+    W, d, codes, keys, v, t, mask = _columns(groups, W, weights, ts, retract, half_life)
     ordered = np.zeros(len(keys), bool)
     ordered[codes[mask]] = True
     plain = ~ordered[codes]
@@ -153,6 +135,27 @@ def fold_ordered(
                 steps.append((keys[code], _rows(keys[code], W, v, t, half_life, [row]), True,
                               row))
     return Ordered(adds, steps)
+
+
+def _columns(groups: Sequence[str], W: ArrayLike, weights: ArrayLike | None,
+             ts: ArrayLike | None, retract: ArrayLike | None, half_life: float | None
+             ) -> tuple[NDArray[np.float64], int, NDArray[np.intp], list[str],
+                        NDArray[np.float64] | None, NDArray[np.float64] | None,
+                        NDArray[np.bool_]]:
+    """A batch's arrays as `fold` and `fold_ordered` read them: W, d, group codes and ids,
+    weights, times (with ``half_life`` only) and the retraction mask."""
+    W = np.asarray(W, dtype=float)
+    d = W.shape[1] if W.ndim == 2 else 0
+    codes, keys = code_groups(groups)
+    v = None if weights is None else np.asarray(weights, dtype=float)
+    t = None
+    if half_life is not None:
+        now = time.time()
+        t = np.full(len(codes), now) if ts is None else np.asarray(ts, dtype=float)
+        # Events without a time are taken to happen as they are processed.
+        t = np.where(np.isnan(t), now, t)
+    mask = np.zeros(len(codes), bool) if retract is None else np.asarray(retract, dtype=bool)
+    return W, d, codes, keys, v, t, mask
 
 
 def _rows(key: str, W: NDArray[np.float64], v: NDArray[np.float64] | None,
